@@ -1,0 +1,162 @@
+"""The composition root: builds the catalog, health checker, DNS table and servers from a Config,
+and runs them until told to stop.
+
+:class:`Agent` owns the lifecycle (start, reload, stop) and the wiring between parts: the store
+feeds the DNS table through catalog deltas (the embedded producer of the snapshot), the health
+checker writes check results through the store, and both servers read what they need from
+their own collaborators. It raises; only ``dnsdisco.cli`` turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from dnsdisco import config as configmod
+from dnsdisco.catalog.health import HealthChecker
+from dnsdisco.catalog.store import Store
+from dnsdisco.config import Config
+from dnsdisco.dns.server import DnsServer
+from dnsdisco.dns.table import AnswerTable
+from dnsdisco.errors import ConfigError
+from dnsdisco.http.app import make_app
+
+log = logging.getLogger("dnsdisco.agent")
+
+
+class Agent:
+    """One dnsdisco agent with the embedded catalog.
+
+    *reload_config* re-reads the configuration from its original sources (files and flags); it
+    is what SIGHUP and ``PUT /v1/agent/reload`` call. Without it, reload is refused.
+    """
+
+    def __init__(self, config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self.store = Store(
+            datacenter=config.datacenter,
+            node_name=config.node_name,
+            node_address=config.advertise,
+            data_dir=config.data_dir or None,
+            server_port=config.server_port,
+        )
+        self.health = HealthChecker(self.store, enable_script_checks=config.enable_script_checks)
+        self.table = AnswerTable(config)
+        self.dns: DnsServer | None = None
+        self._runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self.dns_port: int | None = None
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Open the catalog, load the config dir's services, and start checks and listeners.
+
+        Config services are decoded before anything starts, so a bad definition stops start-up
+        with nothing bound. DNS answers SERVFAIL for catalog names until the first full load,
+        which happens here before the DNS socket opens.
+        """
+        definitions = configmod.decode_services(self.config)
+        await self.store.open()
+        try:
+            await self.store.sync_config_services(definitions)
+            # The table follows the store from here on: every committed change arrives as a
+            # delta in the same loop step, so DNS reflects a write within milliseconds.
+            self.store.add_delta_listener(self.table.apply)
+            self.table.apply(self.store.full_delta())
+            await self.health.start()
+            if self.config.dns_port >= 0:
+                self.dns = DnsServer(self.config, self.table)
+                await self.dns.start()
+                self.dns_port = self.dns.port
+            if self.config.http_port >= 0:
+                app = make_app(self.store, self.health, self.config, reload=self.reload)
+                self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                await self._runner.setup()
+                site = web.TCPSite(self._runner, self.config.http_bind, self.config.http_port)
+                await site.start()
+                server = site._server
+                assert server is not None and server.sockets
+                self.http_port = server.sockets[0].getsockname()[1]
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "agent started: datacenter=%s node=%s http=%s dns=%s data_dir=%s",
+            self.config.datacenter, self.config.node_name,
+            f"{self.config.http_bind}:{self.http_port}" if self.http_port is not None else "off",
+            f"{self.config.dns_bind}:{self.dns_port}" if self.dns_port is not None else "off",
+            self.config.data_dir or "(memory, -dev)",
+        )
+
+    async def reload(self) -> None:
+        """Re-read the configuration and apply what can change without a restart: ``dns_config``
+        and recursors, and the config dir's services (Consul reloads services and checks).
+
+        A bad configuration raises :class:`ConfigError` and leaves the running one untouched.
+        Listener addresses, ports, data dir, node name and datacenter need a restart; a change
+        to them is logged and ignored.
+        """
+        if self._reload_config is None:
+            raise ConfigError("this agent was started without reloadable configuration sources")
+        async with self._reload_lock:
+            new = self._reload_config()
+            definitions = configmod.decode_services(new)
+            fixed = ("datacenter", "node_name", "data_dir", "client_addr", "bind_addr",
+                     "advertise_addr", "http_addr", "dns_addr", "http_port", "dns_port", "dev")
+            changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+            if changed:
+                log.warning("reload: %s changed; these take effect only after a restart",
+                            ", ".join(changed))
+                new = configmod.with_overrides(new, **{k: getattr(self.config, k) for k in changed})
+            await self.store.sync_config_services(definitions)
+            self.table.reconfigure(new)
+            if self.dns is not None:
+                self.dns.reload(new)
+            self.config = new
+            log.info("configuration reloaded: %d services from config files", len(definitions))
+
+    async def stop(self) -> None:
+        """Stop listeners first (no new work), then checks, then close the catalog."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.dns is not None:
+            await self.dns.stop()
+            self.dns = None
+        await self.health.stop()
+        await self.store.close()
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Start, then serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        await self.start()
+
+        def on_hup() -> None:
+            loop.create_task(self._reload_logged())
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        try:
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as e:
+            log.error("reload refused, the running configuration is unchanged: %s", e)
+        except Exception:
+            log.exception("reload failed, the running configuration is unchanged")
