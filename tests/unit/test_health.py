@@ -306,8 +306,6 @@ async def test_http_bad_url_is_critical(session):
 
 
 def _self_signed(tmp_path) -> ssl.SSLContext:
-    # cryptography is not a declared test dependency; without it the TLS test is skipped.
-    pytest.importorskip("cryptography")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
