@@ -76,7 +76,10 @@ class Agent:
                 self.dns_port = self.dns.port
             if self.config.http_port >= 0:
                 app = make_app(self.store, self.health, self.config, reload=self.reload)
-                self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                # handler_cancellation: a blocking query whose client has gone away stops waiting at once
+                # instead of holding its slot for up to ten minutes.
+                self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                             handler_cancellation=True)
                 await self._runner.setup()
                 site = web.TCPSite(self._runner, self.config.http_bind, self.config.http_port)
                 await site.start()

@@ -1,0 +1,75 @@
+"""The HTTP API application: routes of every endpoint module, and Consul's error conventions.
+
+:func:`make_app` builds the ``aiohttp`` application around a store, a TTL updater (the health
+checker) and the config; the caller runs it with ``web.AppRunner``/``web.TCPSite`` (with
+``handler_cancellation=True`` so a blocking query whose client went away stops waiting). This
+module owns what is common to all endpoints (``agent/http.go``): refusals become plain-text
+bodies with their status, an unknown ``/v1/`` path is Consul's 404 text, a wrong method is
+``405 method X not allowed`` with an ``Allow`` header, and ``OPTIONS`` answers with that header.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from dnsdisco.catalog.store import Store
+from dnsdisco.config import Config
+from dnsdisco.errors import CatalogError
+from dnsdisco.http import agent, catalog, kv, status
+from dnsdisco.http.query import CONFIG, HEALTH, RELOAD, STORE, Reload, TTLUpdater, error_response
+
+log = logging.getLogger("dnsdisco.http")
+
+# JSON bodies of register calls are small; KV values stream past this limit (512 KiB, own check).
+CLIENT_MAX_SIZE = 1024 * 1024
+
+
+def _allow(methods: set[str]) -> str:
+    # aiohttp adds HEAD to every GET route; Consul's table has no HEAD, so it is not offered.
+    return ",".join(["OPTIONS", *sorted(m for m in methods if m not in ("HEAD", "OPTIONS"))])
+
+
+@web.middleware
+async def consul_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn refusals into Consul's plain-text answers."""
+    try:
+        return await handler(request)
+    except CatalogError as e:
+        return error_response(e.status, e.message)
+    except web.HTTPMethodNotAllowed as e:
+        allow = _allow(set(e.allowed_methods))
+        if request.method == "OPTIONS":
+            return web.Response(status=200, headers={"Allow": allow})
+        return error_response(405, f"method {request.method} not allowed", headers={"Allow": allow})
+    except web.HTTPNotFound:
+        if request.path.startswith("/v1/"):
+            return error_response(404, "Invalid URL path: not a recognized HTTP API endpoint")
+        raise
+    except web.HTTPException:
+        raise
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {e}")
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # Consul 1.9+ sends this on every response, ACLs enabled or not.
+    response.headers.setdefault("X-Consul-Default-ACL-Policy", "allow")
+
+
+def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload | None = None) -> web.Application:
+    """The HTTP API over *store*. *health* receives TTL updates (``/v1/agent/check/pass`` ...);
+    *reload*, if given, is awaited by ``PUT /v1/agent/reload``. Tokens (``X-Consul-Token``,
+    ``Authorization: Bearer``, ``?token=``) are accepted and not enforced."""
+    app = web.Application(middlewares=[consul_errors], client_max_size=CLIENT_MAX_SIZE)
+    app[STORE] = store
+    app[HEALTH] = health
+    app[CONFIG] = config
+    app[RELOAD] = reload
+    for module in (agent, catalog, kv, status):
+        app.add_routes(module.routes)
+    app.on_response_prepare.append(_common_headers)
+    return app

@@ -1,0 +1,220 @@
+"""``/v1/catalog/*`` and ``/v1/health/*``: the catalog as the rest of the cluster sees it.
+
+This module owns the catalog and health endpoints (``spec/http-api.md`` b.9, b.10): reads that
+block on the store's topics and answer with that topic's index, and the catalog register /
+deregister writes used by external health checkers. Unknown services answer ``[]`` and unknown
+nodes ``null``, both 200 with an index, as Consul does.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dnsdisco.catalog.definition import decode_deregister_request, decode_register_request
+from dnsdisco.catalog.model import PASSING, STATUSES, Check
+from dnsdisco.catalog.store import Store, summarise_services
+from dnsdisco.errors import CatalogError
+from dnsdisco.http import shapes
+from dnsdisco.http.query import (
+    STORE,
+    Read,
+    check_dc,
+    go_bool,
+    json_response,
+    meta_matches,
+    node_meta_filter,
+    read_json,
+    refuse_filter,
+)
+
+routes = web.RouteTableDef()
+
+
+def _tags(request: web.Request) -> list[str]:
+    # Consul matches tags without regard to case; an instance must carry every tag asked for.
+    return [t.lower() for t in request.query.getall("tag", []) if t]
+
+
+def _has_tags(tags: tuple[str, ...], wanted: list[str]) -> bool:
+    if not wanted:
+        return True
+    have = {t.lower() for t in tags}
+    return all(w in have for w in wanted)
+
+
+# -- catalog reads -----------------------------------------------------------------------------
+
+
+def _path_name(request: web.Request, param: str, missing: str) -> str:
+    name = request.match_info[param]
+    if not name:
+        raise CatalogError(missing, 400)
+    return name
+
+
+async def _blocking(request: web.Request, topic: str) -> tuple[Read, int]:
+    """Parse the read options, then block on *topic*; return them and the index to answer."""
+    read = Read(request)
+    refuse_filter(request)
+    store = request.app[STORE]
+    return read, await read.block([topic], lambda: store.topic_index(topic))
+
+
+@routes.get("/v1/catalog/datacenters")
+async def datacenters(request: web.Request) -> web.Response:
+    return json_response(request, [request.app[STORE].datacenter])
+
+
+@routes.get("/v1/catalog/nodes")
+async def nodes(request: web.Request) -> web.Response:
+    read, index = await _blocking(request, "nodes")
+    wanted = node_meta_filter(request)
+    out = [shapes.node(n) for n in request.app[STORE].nodes() if meta_matches(n.meta, wanted)]
+    return json_response(request, out, headers=read.headers(index))
+
+
+@routes.get("/v1/catalog/services")
+async def services(request: web.Request) -> web.Response:
+    read, index = await _blocking(request, "services")
+    store = request.app[STORE]
+    wanted = node_meta_filter(request)
+    if wanted:
+        out = summarise_services(s for s in store.services()
+                                 if meta_matches(getattr(store.node(s.node), "meta", {}), wanted))
+    else:
+        out = store.service_names()
+    return json_response(request, out, headers=read.headers(index))
+
+
+@routes.get("/v1/catalog/service/{name:.*}")
+async def service(request: web.Request) -> web.Response:
+    name = _path_name(request, "name", "Missing service name")
+    read, index = await _blocking(request, f"svc:{name.lower()}")
+    tags = _tags(request)
+    wanted = node_meta_filter(request)
+    out = [shapes.service_node(n, s) for n, s in request.app[STORE].service_instances(name)
+           if _has_tags(s.tags, tags) and meta_matches(n.meta, wanted)]
+    return json_response(request, out, headers=read.headers(index))
+
+
+async def _node(request: web.Request, *, as_list: bool) -> web.Response:
+    name = _path_name(request, "node", "Missing node name")
+    read, index = await _blocking(request, f"node:{name.lower()}")
+    store = request.app[STORE]
+    n = store.node(name)
+    out = None  # an unknown node is a 200 with null: py-consul returns None
+    if n is not None:
+        listed = [shapes.node_service(s) for s in store.node_services(name)]
+        out = {"Node": shapes.node(n), "Services": listed if as_list else {s["ID"]: s for s in listed}}
+    return json_response(request, out, headers=read.headers(index))
+
+
+@routes.get("/v1/catalog/node/{node:.*}")
+async def node(request: web.Request) -> web.Response:
+    return await _node(request, as_list=False)
+
+
+@routes.get("/v1/catalog/node-services/{node:.*}")
+async def node_services(request: web.Request) -> web.Response:
+    return await _node(request, as_list=True)
+
+
+# -- catalog writes ----------------------------------------------------------------------------
+
+
+@routes.put("/v1/catalog/register")
+async def register(request: web.Request) -> web.Response:
+    check_dc(request)
+    store = request.app[STORE]
+    req = decode_register_request(await read_json(request), datacenter=store.datacenter)
+    await store.catalog_register(req)
+    return json_response(request, True)
+
+
+@routes.put("/v1/catalog/deregister")
+async def deregister(request: web.Request) -> web.Response:
+    check_dc(request)
+    store = request.app[STORE]
+    req = decode_deregister_request(await read_json(request), datacenter=store.datacenter)
+    if req.datacenter != store.datacenter:
+        raise CatalogError("No path to datacenter", 500)
+    await store.catalog_deregister(req.node, service_id=req.service_id, check_id=req.check_id)
+    return json_response(request, True)
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def _passing(request: web.Request) -> bool:
+    if "passing" not in request.query:
+        return False
+    raw = request.query["passing"]
+    if raw == "":
+        return True
+    value = go_bool(raw)
+    if value is None:
+        raise CatalogError("Invalid value for ?passing", 400)
+    return value
+
+
+@routes.get("/v1/health/service/{name:.*}")
+async def health_service(request: web.Request) -> web.Response:
+    passing = _passing(request)
+    name = _path_name(request, "name", "Missing service name")
+    read, index = await _blocking(request, f"health:{name.lower()}")
+    tags = _tags(request)
+    wanted = node_meta_filter(request)
+    out = []
+    for entry in request.app[STORE].health_service(name):
+        if not _has_tags(entry.service.tags, tags) or not meta_matches(entry.node.meta, wanted):
+            continue
+        # ?passing drops an instance with any non-passing check, node checks and warnings
+        # included; the index still covers everything (Consul filters after the RPC).
+        if passing and any(c.status != PASSING for c in entry.checks):
+            continue
+        out.append({"Node": shapes.node(entry.node), "Service": shapes.node_service(entry.service),
+                    "Checks": [shapes.check(c) for c in entry.checks]})
+    return json_response(request, out, headers=read.headers(index))
+
+
+def _on_matching_node(store: Store, checks: list[Check], wanted: list[tuple[str, str]]) -> list[Check]:
+    if not wanted:
+        return checks
+    out = []
+    for c in checks:
+        n = store.node(c.node)
+        if n is not None and meta_matches(n.meta, wanted):
+            out.append(c)
+    return out
+
+
+@routes.get("/v1/health/checks/{name:.*}")
+async def health_checks(request: web.Request) -> web.Response:
+    name = _path_name(request, "name", "Missing service name")
+    read, index = await _blocking(request, f"health:{name.lower()}")
+    store = request.app[STORE]
+    chosen = _on_matching_node(store, store.service_checks(name), node_meta_filter(request))
+    return json_response(request, [shapes.check(c) for c in chosen], headers=read.headers(index))
+
+
+@routes.get("/v1/health/state/{state:.*}")
+async def health_state(request: web.Request) -> web.Response:
+    state = _path_name(request, "state", "Missing check state")
+    read, index = await _blocking(request, "checks")
+    store = request.app[STORE]
+    if state == "any":
+        chosen = store.checks()
+    elif state in STATUSES:
+        chosen = [c for c in store.checks() if c.status == state]
+    else:
+        chosen = []  # Consul answers an unknown state with nothing, not an error
+    chosen = _on_matching_node(store, chosen, node_meta_filter(request))
+    return json_response(request, [shapes.check(c) for c in chosen], headers=read.headers(index))
+
+
+@routes.get("/v1/health/node/{node:.*}")
+async def health_node(request: web.Request) -> web.Response:
+    name = _path_name(request, "node", "Missing node name")
+    read, index = await _blocking(request, f"nodechecks:{name.lower()}")
+    return json_response(request, [shapes.check(c) for c in request.app[STORE].node_checks(name)],
+                         headers=read.headers(index))
