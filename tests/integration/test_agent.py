@@ -143,15 +143,7 @@ class AgentProcess:
         self.log: list[str] = []
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            if "agent started" in line:
-                return
-        raise AssertionError("agent did not start:\n" + "".join(self.log))
+        self.wait_log("agent started", timeout)
 
     def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
@@ -162,7 +154,8 @@ class AgentProcess:
             self.log.append(line)
             if re.search(pattern, line):
                 return line
-        raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.log))
+        raise AssertionError(f"no log line matching {pattern!r} (exit code {self.proc.poll()}):\n"
+                             + "".join(self.log))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
