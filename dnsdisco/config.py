@@ -23,6 +23,13 @@ from dnsdisco.errors import ConfigError
 
 RecursorStrategy = Literal["sequential", "random"]
 
+# Who may have names outside our domains resolved through the recursors: loopback and the
+# private ranges (RFC 1918, RFC 4193), as BIND's `allow-recursion { localnets; localhost; }`
+# default keeps it from being an open resolver (anchors.md §4.2).
+DEFAULT_ALLOW_RECURSION: tuple[str, ...] = (
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SoaConfig:
@@ -62,6 +69,11 @@ class DnsConfig:
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 1024
     query_log: bool = False
+    # dnsdisco's own keys: the forwarder (dnsdisco.forward).
+    allow_recursion: tuple[str, ...] = DEFAULT_ALLOW_RECURSION
+    recursor_max_concurrent: int = 1000  # CoreDNS forward max_concurrent (k8s deployment value)
+    recursor_cache_size: int = 10000  # forwarded answers kept; 0 disables the cache
+    recursor_serve_stale: float = 86400.0  # RFC 8767 maximum stale age; 0 never serves stale
 
     def service_ttl_for(self, name: str) -> float:
         """TTL for service *name*: exact key, else the longest matching ``prefix*``, else 0."""
@@ -241,6 +253,23 @@ def _strategy(v: Any) -> str:
     return text
 
 
+def _cidrs(v: Any) -> tuple[str, ...]:
+    """A list of networks (``"10.0.0.0/8"``, ``"::1/128"``, or a bare address) in normal form."""
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of CIDRs such as [\"10.0.0.0/8\"], got {_kind(v)}")
+    out = []
+    for item in v:
+        text = _str(item).strip()
+        try:
+            # strict=False: "192.168.1.1/24" means that address's network, as BIND reads it.
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a CIDR (expected e.g. \"10.0.0.0/8\" or \"fd00::/8\")") from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
 def _service_ttl(v: Any) -> tuple[tuple[str, float], ...]:
     if not isinstance(v, dict):
         raise ValueError(f"expected an object of service name to duration, got {_kind(v)}")
@@ -285,6 +314,10 @@ _DNS_KEYS: dict[str, Parser] = {
     "tcp_idle_timeout": _duration,
     "tcp_max_connections": _int(1, 1_000_000),
     "query_log": _bool,
+    "allow_recursion": _cidrs,
+    "recursor_max_concurrent": _int(1, 1_000_000),
+    "recursor_cache_size": _int(0, 10_000_000),
+    "recursor_serve_stale": _duration,
 }
 
 _TOP_KEYS: dict[str, Parser] = {
