@@ -24,6 +24,7 @@ from dnsdisco.config import Config
 from dnsdisco.dns.server import DnsServer
 from dnsdisco.dns.table import AnswerTable
 from dnsdisco.errors import ConfigError
+from dnsdisco.forward import Forwarder
 from dnsdisco.http.app import make_app
 
 log = logging.getLogger("dnsdisco.agent")
@@ -48,6 +49,7 @@ class Agent:
         )
         self.health = HealthChecker(self.store, enable_script_checks=config.enable_script_checks)
         self.table = AnswerTable(config)
+        self.forwarder = Forwarder(config)
         self.dns: DnsServer | None = None
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -75,9 +77,12 @@ class Agent:
             gc.freeze()
             await self.health.start()
             if self.config.dns_port >= 0:
-                self.dns = DnsServer(self.config, self.table)
+                self.dns = DnsServer(self.config, self.table, forwarder=self.forwarder)
                 await self.dns.start()
                 self.dns_port = self.dns.port
+                # After the listener is up, so that a loop probe sent through a recursor that
+                # forwards back to us arrives and is recognised.
+                await self.forwarder.start()
             if self.config.http_port >= 0:
                 app = make_app(self.store, self.health, self.config, reload=self.reload)
                 # handler_cancellation: a blocking query whose client has gone away stops waiting at once
@@ -102,8 +107,8 @@ class Agent:
         )
 
     async def reload(self) -> None:
-        """Re-read the configuration and apply what can change without a restart: ``dns_config``
-        and recursors, and the config dir's services (Consul reloads services and checks).
+        """Re-read the configuration and apply what can change without a restart: ``dns_config``,
+        the recursors, and the config dir's services (Consul reloads services and checks).
 
         A bad configuration raises :class:`ConfigError` and leaves the running one untouched.
         Listener addresses, ports, data dir, node name and datacenter need a restart; a change
@@ -123,6 +128,7 @@ class Agent:
                 new = configmod.with_overrides(new, **{k: getattr(self.config, k) for k in changed})
             await self.store.sync_config_services(definitions)
             self.table.reconfigure(new)
+            self.forwarder.reload(new)
             if self.dns is not None:
                 self.dns.reload(new)
             self.config = new
@@ -136,6 +142,7 @@ class Agent:
         if self.dns is not None:
             await self.dns.stop()
             self.dns = None
+        await self.forwarder.stop()
         await self.health.stop()
         await self.store.close()
         self._stopped.set()

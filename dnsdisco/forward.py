@@ -314,10 +314,6 @@ class Forwarder:
         self.stats.cache_hits += 1
         return render(entry.stored, query, age=entry.age(self.clock()), cached=True)
 
-    async def forward(self, query: Query, raw: bytes) -> bytes | None:
-        """The ``dnsdisco.dns.server.Forwarder`` seam as it stands: same as :meth:`resolve`."""
-        return await self.resolve(query, raw)
-
     async def resolve(self, query: Query, raw: bytes) -> bytes:
         """The complete reply to *query* (whose request bytes are *raw*), for the client.
 

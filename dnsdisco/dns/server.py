@@ -55,8 +55,6 @@ UDP_RCVBUF = 4 * 1024 * 1024
 # reads its replies; a reply is at most 64 KiB + 2, so this holds a few full-size replies.
 TCP_WRITE_HIGH = 256 * 1024
 TCP_BACKLOG = 512
-# Forwarded queries each hold a task and a socket: bound them (anchors.md §4.3 point 5).
-MAX_FORWARDS_IN_FLIGHT = 1024
 # Distinct exception kinds logged with a traceback; later ones are only counted.
 _MAX_LOGGED_KINDS = 64
 _EPHEMERAL_BIND_ATTEMPTS = 20
@@ -71,13 +69,24 @@ class AnswerSource(Protocol):
 
 
 class Forwarder(Protocol):
-    """The seam for the recursor: resolves names outside our zones.
+    """What the server needs from the recursor (``dnsdisco.forward.Forwarder``).
 
-    ``data`` is the client's request exactly as received (Consul re-sends it unchanged). The
-    result is the reply to send (with the client's ID), or None for SERVFAIL.
+    ``data`` is the client's request exactly as received (Consul re-sends it unchanged).
     """
 
-    async def forward(self, query: Query, data: bytes) -> bytes | None: ...
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def saturated(self) -> bool: ...
+
+    def allowed(self, client_ip: str) -> bool: ...
+
+    def lookup(self, query: Query) -> bytes | None: ...
+
+    def reject(self, query: Query) -> bytes: ...
+
+    async def resolve(self, query: Query, data: bytes) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -92,7 +101,8 @@ class DnsStats:
     tcp_connections: int = 0  # accepted
     tcp_rejected: int = 0  # closed at once: over tcp_max_connections
     tcp_idle_closed: int = 0
-    forwards_rejected: int = 0  # over MAX_FORWARDS_IN_FLIGHT, answered SERVFAIL
+    forwards_rejected: int = 0  # over the forwarder's in-flight bound, answered REFUSED
+    recursion_refused: int = 0  # out-of-zone names from clients outside allow_recursion
 
 
 class DnsServer:
@@ -101,14 +111,16 @@ class DnsServer:
 
     Port 0 picks one free port shared by both sockets; -1 disables the server (``start`` does
     nothing and ``port`` stays None). ``table.respond`` is called for every well-formed query.
-    ``forwarder`` (None until the recursor issue lands) gets the names ``respond`` returns None
-    for; without it those get REFUSED with RA clear, as Consul does without recursors.
+    ``forwarder`` gets the names ``respond`` returns None for, when it has recursors and the
+    client is in ``allow_recursion``; otherwise those get REFUSED with RA clear, as Consul does
+    without recursors.
     """
 
-    def __init__(self, config: Config, table: AnswerSource, *, metrics: Any = None) -> None:
+    def __init__(self, config: Config, table: AnswerSource, *, forwarder: Forwarder | None = None,
+                 metrics: Any = None) -> None:
         self.table = table
         self.metrics = metrics  # reserved: the metrics module reads ``stats`` at scrape time
-        self.forwarder: Forwarder | None = None
+        self.forwarder = forwarder
         self.stats = DnsStats()
         self.address: str = config.dns_bind  # addresses.dns, else client_addr
         self.port: int | None = None
@@ -230,27 +242,33 @@ class DnsServer:
             self.log_query(query, reply)
 
     def not_ours(self, query: Query, data: bytes, send: Callable[[bytes], None]) -> bytes | None:
-        """Reply for a name outside our zones: REFUSED, or None when handed to the forwarder."""
-        forwarder = self.forwarder
-        if forwarder is None:
+        """Reply for a name outside our zones: now (REFUSED, a cached or rejected answer), or
+        None when a task will send the forwarded answer through *send*."""
+        fwd = self.forwarder
+        if fwd is None or not fwd.enabled:
             # Consul without recursors: REFUSED, no AA, RA clear (spec §1.2, §1.14).
             return error_reply(query, Rcode.REFUSED, ra=False)
-        if len(self._forwards) >= MAX_FORWARDS_IN_FLIGHT:
+        if not fwd.allowed(query.client[0]):
+            # Not an open resolver: catalog names answer everyone, recursion only the
+            # allow_recursion networks (BIND's allow-recursion; anchors.md §4.2).
+            self.stats.recursion_refused += 1
+            return error_reply(query, Rcode.REFUSED, ra=False)
+        cached = fwd.lookup(query)
+        if cached is not None:
+            return cached  # a fresh cache hit costs no task
+        if fwd.saturated:
             self.stats.forwards_rejected += 1
-            return error_reply(query, Rcode.SERVFAIL, ra=True)
-        task = asyncio.get_running_loop().create_task(self._forward(forwarder, query, data, send))
+            return fwd.reject(query)
+        task = asyncio.get_running_loop().create_task(self._forward(fwd, query, data, send))
         self._forwards.add(task)
         task.add_done_callback(self._forwards.discard)
         return None
 
-    async def _forward(self, forwarder: Forwarder, query: Query, data: bytes, send: Callable[[bytes], None]) -> None:
+    async def _forward(self, fwd: Forwarder, query: Query, data: bytes, send: Callable[[bytes], None]) -> None:
         try:
-            reply = await forwarder.forward(query, data)
+            reply = await fwd.resolve(query, data)
         except Exception as exc:
             reply = self.servfail(query, exc)
-        if reply is None:
-            # All recursors failed: SERVFAIL with RA set (spec §1.14).
-            reply = error_reply(query, Rcode.SERVFAIL, ra=True)
         send(reply)
         if self.query_log:
             self.log_query(query, reply)
@@ -271,7 +289,7 @@ class DnsServer:
                 where[0],
                 exc_info=exc,
             )
-        return error_reply(query, Rcode.SERVFAIL, ra=self.forwarder is not None)
+        return error_reply(query, Rcode.SERVFAIL, ra=self.forwarder is not None and self.forwarder.enabled)
 
     def log_query(self, query: Query, reply: bytes) -> None:
         """One line per query; only when ``dns_config.query_log`` is on."""

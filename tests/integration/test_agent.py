@@ -14,6 +14,7 @@ import sys
 import time
 
 import aiohttp
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -263,3 +264,25 @@ def test_kill_9_loses_no_acknowledged_registration(tmp_path):
         wait_dns(again.dns_port, f"{acked[-1]}.service.consul", {f"10.2.{(len(acked) - 1) // 250}.{(len(acked) - 1) % 250 + 1}"})
     finally:
         again.stop()
+
+
+async def test_agent_forwards_other_names_through_its_recursor(tmp_path):
+    from tests.integration.test_recursor import FakeUpstream
+
+    upstream = await FakeUpstream(ip="192.0.2.7").start()
+    try:
+        cfg = configmod.load(overrides={"node_name": "node1", "ports": {"http": -1, "dns": 0},
+                                        "recursors": [upstream.addr]}, dev=True)
+        agent = Agent(cfg)
+        await agent.start()
+        try:
+            reply = await asyncio.to_thread(query, agent.dns_port, "www.example.org")
+            assert addresses(reply) == {"192.0.2.7"}
+            assert reply.flags & dns.flags.RA and not reply.flags & dns.flags.AA
+            # Catalog names still come from the catalog, never from the recursor.
+            consul = await asyncio.to_thread(query, agent.dns_port, "consul.service.consul")
+            assert addresses(consul) == {"127.0.0.1"} and consul.flags & dns.flags.AA
+        finally:
+            await agent.stop()
+    finally:
+        await upstream.stop()

@@ -478,16 +478,31 @@ async def test_query_log_only_when_enabled(caplog):
 
 
 class SlowForwarder:
+    """A stand-in recursor with the server's Forwarder protocol: answers NXDOMAIN after a delay,
+    or fails (raises) when told to."""
+
+    enabled = True
+    saturated = False
+
     def __init__(self, delay: float, reply: bool = True) -> None:
         self.delay = delay
         self.reply = reply
         self.seen: list[bytes] = []
 
-    async def forward(self, query: Query, data: bytes) -> bytes | None:
+    def allowed(self, client_ip: str) -> bool:
+        return True
+
+    def lookup(self, query: Query) -> bytes | None:
+        return None
+
+    def reject(self, query: Query) -> bytes:
+        raise AssertionError("not saturated")
+
+    async def resolve(self, query: Query, data: bytes) -> bytes:
         self.seen.append(data)
         await asyncio.sleep(self.delay)
         if not self.reply:
-            return None
+            raise ConnectionError("every recursor failed")
         flags = reply_flags(query, Rcode.NXDOMAIN, aa=False, ra=True)
         return header(query.id, flags, 1, 0, 0, 0) + query.question
 

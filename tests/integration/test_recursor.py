@@ -563,20 +563,12 @@ def test_a_recursor_that_is_our_own_listener_is_never_used(caplog):
 
 
 # --- end to end through a real DnsServer -------------------------------------------------------------
-#
-# FOR THE LEAD: these need DnsServer(config, table, forwarder=fwd) (falling back to today's
-# ``server.forwarder = fwd`` attribute, which calls ``fwd.forward``). Once the server checks
-# ``fwd.allowed(client)`` itself, test_e2e_refuses_recursion_outside_allow_recursion still holds.
 
 
 @contextlib.asynccontextmanager
 async def served(config: Config, fwd: Forwarder, on_listen=None) -> AsyncIterator[DnsServer]:
     table = answer_table(config)
-    try:
-        server = DnsServer(config, table, forwarder=fwd)  # type: ignore[call-arg]
-    except TypeError:  # the constructor argument is not there yet: use today's seam
-        server = DnsServer(config, table)
-        server.forwarder = fwd  # type: ignore[assignment]
+    server = DnsServer(config, table, forwarder=fwd)
     await server.start()
     if on_listen is not None:
         started = on_listen(server)
