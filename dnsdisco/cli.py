@@ -52,6 +52,9 @@ def _agent_parser(sub: argparse._SubParsersAction) -> None:
           help="an upstream resolver for other names (repeatable)")
     _flag(p, "enable-script-checks", dest="enable_script_checks", action="store_true", default=None,
           help="allow checks that run scripts (registrations with Args)")
+    _flag(p, "upstream", nargs="?", const="", metavar="URL",
+          help="mirror mode: follow this Consul agent (http://host:8500; without a value, "
+               "CONSUL_HTTP_ADDR) instead of running the embedded catalog")
     _flag(p, "log-level", dest="log_level", metavar="LEVEL", help="trace, debug, info, warn or error")
     _flag(p, "log-json", dest="log_json", action="store_true", default=None, help="log JSON lines")
 
@@ -84,6 +87,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["ports"] = ports
     if args.recursors:
         out["recursors"] = args.recursors
+    if args.upstream is not None:
+        out["upstream"] = {"address": args.upstream} if args.upstream else {}
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from dnsdisco.duration import parse_duration
 from dnsdisco.errors import ConfigError
+from dnsdisco.sync.upstream import UpstreamConfig, parse_upstream, upstream_from_env
 
 RecursorStrategy = Literal["sequential", "random"]
 
@@ -123,6 +124,8 @@ class Config:
     # Service definitions from config files, undecoded: the catalog's decoder reads them, so that
     # files and the HTTP API accept exactly the same forms (see decode_services).
     services: tuple[ServiceSource, ...] = ()
+    # Mirror mode: follow this Consul agent instead of running the embedded catalog.
+    upstream: UpstreamConfig | None = None
     log_level: str = "info"
     log_json: bool = False
 
@@ -380,6 +383,10 @@ def parse_source(raw: Any, source: str) -> dict[str, Any]:
             if soa is not None:
                 parsed["soa"] = _check_section(soa, _SOA_KEYS, "dns_config.soa", source)
             out[key] = parsed
+        elif key == "upstream":
+            # Checked here so a bad value names this source; merged key by key like a section.
+            parse_upstream(value, source)
+            out[key] = {"address": value} if isinstance(value, str) else dict(value)
         elif key == "recursors":
             if not isinstance(value, list):
                 raise ConfigError(f"expected a list, got {_kind(value)}", source=source, key=key)
@@ -460,9 +467,12 @@ def load(
     *,
     dev: bool = False,
     hostname: Callable[[], str] = socket.gethostname,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Resolve the configuration: files in order, then each dir's ``*.json`` files in lexical
     order, then *overrides* (the command line, in the same JSON layout), later sources winning.
+    In mirror mode (an ``upstream`` section or ``-upstream``), Consul's ``CONSUL_HTTP_*``
+    variables from *environ* fill what files and flags leave unset.
 
     Raises :class:`ConfigError` naming the source and key of the first problem; nothing is
     started or changed by a failed load.
@@ -475,11 +485,18 @@ def load(
             _merge(merged, read_file(path))
     if overrides:
         _merge(merged, parse_source(dict(overrides), "command line"))
-    return _build(merged, files=tuple(files), dirs=tuple(dirs), dev=dev, hostname=hostname)
+    upstream = None
+    if "upstream" in merged:
+        env = upstream_from_env(os.environ if environ is None else environ)
+        upstream = parse_upstream({**env, **merged["upstream"]}, "configuration")
+        # The mirror keeps no catalog of its own, so it needs no data dir.
+        dev = True
+    return _build(merged, files=tuple(files), dirs=tuple(dirs), dev=dev, hostname=hostname,
+                  upstream=upstream)
 
 
 def _build(m: dict[str, Any], *, files: tuple[str, ...], dirs: tuple[str, ...], dev: bool,
-           hostname: Callable[[], str]) -> Config:
+           hostname: Callable[[], str], upstream: UpstreamConfig | None) -> Config:
     dns_raw = dict(m.get("dns_config", {}))
     soa = SoaConfig(**dns_raw.pop("soa", {}))
     dns = DnsConfig(soa=soa, **dns_raw)
@@ -520,6 +537,7 @@ def _build(m: dict[str, Any], *, files: tuple[str, ...], dirs: tuple[str, ...], 
         config_files=files,
         config_dirs=dirs,
         services=tuple(m.get("services", ())),
+        upstream=upstream,
         log_level=m.get("log_level", "info"),
         log_json=m.get("log_json", False),
     )
