@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from dnsdisco.dns.table import AnswerTable
 from dnsdisco.errors import ConfigError
 from dnsdisco.forward import Forwarder
 from dnsdisco.http.app import make_app
+from dnsdisco.metrics import Metrics, SyncStatus
 
 log = logging.getLogger("dnsdisco.agent")
 
@@ -37,7 +39,8 @@ class Agent:
     is what SIGHUP and ``PUT /v1/agent/reload`` call. Without it, reload is refused.
     """
 
-    def __init__(self, config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(self, config: Config, *, reload_config: Callable[[], Config] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
         self.store = Store(
@@ -50,6 +53,9 @@ class Agent:
         self.health = HealthChecker(self.store, enable_script_checks=config.enable_script_checks)
         self.table = AnswerTable(config)
         self.forwarder = Forwarder(config)
+        # Metrics (and their registry) belong to this agent; tests inject a fresh one.
+        self.metrics = metrics or Metrics(datacenter=config.datacenter, process=True)
+        self.metrics.watch_forwarder(self.forwarder)
         self.dns: DnsServer | None = None
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -65,26 +71,34 @@ class Agent:
         which happens here before the DNS socket opens.
         """
         definitions = configmod.decode_services(self.config)
+        loading = time.monotonic()
         await self.store.open()
         try:
             await self.store.sync_config_services(definitions)
             # The table follows the store from here on: every committed change arrives as a
             # delta in the same loop step, so DNS reflects a write within milliseconds.
             self.store.add_delta_listener(self.table.apply)
-            self.table.apply(self.store.full_delta())
+            self.store.add_delta_listener(self.metrics.observe_delta)
+            full = self.store.full_delta()
+            self.table.apply(full)
+            self.metrics.observe_delta(full)
+            # The embedded catalog is always current: "last success" is now at every scrape.
+            load_seconds = time.monotonic() - loading
+            self.metrics.sync_status = lambda: SyncStatus(duration=load_seconds, last_success=time.time())
             # The catalog and its index are long-lived: move them out of the cyclic GC's reach,
             # whose full passes over a 100k-instance heap otherwise stall queries for 100+ ms.
             gc.freeze()
             await self.health.start()
             if self.config.dns_port >= 0:
-                self.dns = DnsServer(self.config, self.table, forwarder=self.forwarder)
+                self.dns = DnsServer(self.config, self.table, forwarder=self.forwarder, metrics=self.metrics)
                 await self.dns.start()
                 self.dns_port = self.dns.port
                 # After the listener is up, so that a loop probe sent through a recursor that
                 # forwards back to us arrives and is recognised.
                 await self.forwarder.start()
             if self.config.http_port >= 0:
-                app = make_app(self.store, self.health, self.config, reload=self.reload)
+                app = make_app(self.store, self.health, self.config, reload=self.reload,
+                               metrics=self.metrics, ready=self._ready)
                 # handler_cancellation: a blocking query whose client has gone away stops waiting at once
                 # instead of holding its slot for up to ten minutes.
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -105,6 +119,14 @@ class Agent:
             f"{self.config.dns_bind}:{self.dns_port}" if self.dns_port is not None else "off",
             self.config.data_dir or "(memory, -dev)",
         )
+
+    def _ready(self) -> tuple[bool, str]:
+        """``/ready``: 200 only once the catalog is loaded and DNS answers from it."""
+        if not self.store.is_open:
+            return False, "not ready: the catalog store is not open"
+        if not self.table.synced:
+            return False, "not ready: the catalog has not been loaded into the DNS table yet"
+        return True, f"ready: embedded catalog at index {self.store.index}"
 
     async def reload(self) -> None:
         """Re-read the configuration and apply what can change without a restart: ``dns_config``,

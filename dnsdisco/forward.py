@@ -27,7 +27,7 @@ import random
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dnsdisco.config import Config
@@ -47,6 +47,7 @@ from dnsdisco.dns.cache import (
 )
 from dnsdisco.dns.message import FLAG_RA, FLAG_RD, Qtype, Query, Rcode, header
 from dnsdisco.dns.wire import error_reply
+from dnsdisco.metrics import FORWARD_DURATION_BUCKETS, FixedHistogram
 
 __all__ = ["ForwardStats", "Forwarder", "Upstream"]
 
@@ -95,6 +96,19 @@ class ForwardStats:
     mismatched_replies: int = 0  # replies whose ID or question matched nothing we sent (RFC 5452)
     probes_failed: int = 0
     loops_detected: int = 0
+    # Per recursor ("ip:port" as configured), for dnsdisco_forward_*: exchanges that got a
+    # reply, by (recursor, rcode), and exchanges that got none (probes included).
+    upstream_durations: dict[tuple[str, int], FixedHistogram] = field(default_factory=dict)
+    upstream_failures: dict[str, int] = field(default_factory=dict)
+
+    def observe_upstream(self, to: str, rcode: int, seconds: float) -> None:
+        hist = self.upstream_durations.get((to, rcode))
+        if hist is None:
+            hist = self.upstream_durations[to, rcode] = FixedHistogram(FORWARD_DURATION_BUCKETS)
+        hist.observe(seconds)
+
+    def upstream_failed(self, to: str) -> None:
+        self.upstream_failures[to] = self.upstream_failures.get(to, 0) + 1
 
 
 class Upstream:
@@ -424,14 +438,17 @@ class Forwarder:
         qkey = question_key(query.question)
         keep_ecs = query.edns is not None and query.edns.ecs is not None
         for up in self._rotation():
+            started = time.perf_counter()
             try:
                 reply = await self._exchange(up, raw, qkey, query.qname, query.qtype, tcp=query.tcp)
             except _FAILURES as exc:
                 self.stats.upstream_errors += 1
+                self.stats.upstream_failed(up.text)
                 self._failed(up, exc)
                 continue
-            self._answered(up)
             rcode = reply[3] & 0xF
+            self.stats.observe_upstream(up.text, rcode, time.perf_counter() - started)
+            self._answered(up)
             if rcode != Rcode.NOERROR and rcode != Rcode.NXDOMAIN:
                 # SERVFAIL, REFUSED, FORMERR, NOTIMP: the next recursor may do better
                 # (hashicorp/consul#3640, #4426: Consul once returned the first one's SERVFAIL).
@@ -506,6 +523,7 @@ class Forwarder:
                 await self._exchange(up, _request(self._new_id(), name_q), qkey, ".", Qtype.NS, tcp=False)
             except _FAILURES:
                 self.stats.probes_failed += 1
+                self.stats.upstream_failed(up.text)
                 continue
             self._recovered(up)
             return

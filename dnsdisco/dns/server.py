@@ -21,17 +21,20 @@ to a ``DatagramProtocol`` answering inside ``datagram_received``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dnsdisco.config import Config
 from dnsdisco.dns.message import Query, Rcode
 from dnsdisco.dns.wire import error_reply, parse
+from dnsdisco.metrics import DURATION_BUCKETS, SIZE_BUCKETS, SOURCES, FixedHistogram, is_named_type, type_label
 
 __all__ = ["AnswerSource", "DnsServer", "DnsStats", "Forwarder"]
 
@@ -58,6 +61,13 @@ TCP_BACKLOG = 512
 # Distinct exception kinds logged with a traceback; later ones are only counted.
 _MAX_LOGGED_KINDS = 64
 _EPHEMERAL_BIND_ATTEMPTS = 20
+# Distinct keys a reply-count table may grow to before it is folded (see DnsStats.fold): far
+# above what real traffic makes (a few per query type in use), far below a memory concern.
+REPLY_KEYS_MAX = 8192
+# The DatagramProtocol fallback has no batches; it times one request in this many.
+_FALLBACK_SAMPLE = 16
+
+_clock = time.perf_counter
 
 
 class AnswerSource(Protocol):
@@ -89,9 +99,21 @@ class Forwarder(Protocol):
     async def resolve(self, query: Query, data: bytes) -> bytes: ...
 
 
+def _reply_tables() -> dict[tuple[str, str], dict[int, int]]:
+    return {(proto, source): {} for proto in ("udp", "tcp") for source in SOURCES}
+
+
 @dataclass(slots=True)
 class DnsStats:
-    """Plain counters, read at scrape time (incrementing an int is all the hot path can afford)."""
+    """Plain counters, read at scrape time by :mod:`dnsdisco.metrics` (incrementing an int in
+    a dict is all the hot path can afford; a labelled prometheus_client counter costs 10x).
+
+    Every reply produced is counted once in ``tables[(proto, source)]`` under one int key,
+    ``qtype << 24 | rcode << 16 | size`` (see :func:`reply_key`): one dict update per query
+    carries the request type, the response code and the size histogram at once, and the
+    labels are worked out at scrape time. Forwarded requests are also counted when they
+    arrive (``forwarded``), as CoreDNS counts requests before the answer is known.
+    """
 
     udp_requests: int = 0
     tcp_requests: int = 0
@@ -103,6 +125,88 @@ class DnsStats:
     tcp_idle_closed: int = 0
     forwards_rejected: int = 0  # over the forwarder's in-flight bound, answered REFUSED
     recursion_refused: int = 0  # out-of-zone names from clients outside allow_recursion
+    malformed: int = 0  # dropped unanswered: shorter than a header, or a response sent to us
+    tables: dict[tuple[str, str], dict[int, int]] = field(default_factory=_reply_tables)
+    forwarded: dict[tuple[str, str], int] = field(default_factory=dict)  # (proto, type label) -> arrivals
+    durations: dict[str, FixedHistogram] = field(default_factory=dict)  # type label -> sampled seconds
+
+    @property
+    def udp_catalog(self) -> dict[int, int]:
+        return self.tables["udp", "catalog"]
+
+    @property
+    def tcp_catalog(self) -> dict[int, int]:
+        return self.tables["tcp", "catalog"]
+
+    def count(self, proto: str, source: str, qtype: int, reply: bytes) -> None:
+        """Count one reply outside the inline fast path (which does the same by hand)."""
+        table = self.tables[proto, source]
+        key = reply_key(qtype, reply)
+        table[key] = table.get(key, 0) + 1
+        if len(table) > REPLY_KEYS_MAX:
+            self.fold()
+
+    def count_forwarded(self, proto: str, qtype: int) -> None:
+        key = (proto, type_label(qtype))
+        self.forwarded[key] = self.forwarded.get(key, 0) + 1
+
+    def observe(self, qtype: int, seconds: float) -> None:
+        """One sampled request duration."""
+        label = type_label(qtype)
+        hist = self.durations.get(label)
+        if hist is None:
+            hist = self.durations[label] = FixedHistogram(DURATION_BUCKETS)
+        hist.observe(seconds)
+
+    def fold(self) -> None:
+        """Bound the reply tables: query types without a label of their own become 0 ("other")
+        and sizes the upper bound of their histogram bucket. What is exported does not change
+        (labels and buckets are the same); only the key space shrinks, to at most
+        19 types x the rcodes in use x 15 buckets, whatever a client sends."""
+        for table in self.tables.values():
+            if len(table) <= REPLY_KEYS_MAX // 2:
+                continue
+            folded: dict[int, int] = {}
+            for key, n in table.items():
+                qtype, rcode, size = key >> 24, key >> 16 & 0xFF, key & 0xFFFF
+                if not is_named_type(qtype):
+                    qtype = 0
+                i = bisect.bisect_left(SIZE_BUCKETS, size)
+                size = SIZE_BUCKETS[i] if i < len(SIZE_BUCKETS) else 0xFFFF
+                k = qtype << 24 | rcode << 16 | size
+                folded[k] = folded.get(k, 0) + n
+            table.clear()
+            table.update(folded)
+
+    def replies(self) -> Iterator[tuple[str, str, int, int, int, int]]:
+        """Every counted reply group: ``(proto, source, qtype, rcode, size, count)``."""
+        for (proto, source), table in self.tables.items():
+            for key, n in list(table.items()):
+                yield proto, source, key >> 24, key >> 16 & 0xFF, key & 0xFFFF, n
+
+    def dropped(self) -> dict[str, int]:
+        """Requests or replies dropped unanswered, by reason (``dnsdisco_dns_dropped_total``)."""
+        return {
+            "malformed": self.malformed,
+            "send_buffer_full": self.udp_dropped_overload,
+            "send_error": self.udp_send_errors,
+            "tcp_connection_limit": self.tcp_rejected,
+        }
+
+
+def reply_key(qtype: int, reply: bytes) -> int:
+    """The reply-count key: ``qtype << 24 | rcode << 16 | size``, the rcode with its
+    extended bits (BADVERS) when the reply has an OPT record."""
+    return qtype << 24 | _rcode(reply) << 16 | min(len(reply), 0xFFFF)
+
+
+def _rcode(reply: bytes) -> int:
+    rcode = reply[3] & 0xF
+    # The OPT record of our own error replies is the last 11 bytes (root name, type 41, no
+    # options); its TTL's first byte holds the upper 8 bits of the rcode (RFC 6891 §6.1.3).
+    if len(reply) >= 23 and reply[11] and reply[-11:-8] == b"\x00\x00\x29":
+        rcode |= reply[-6] << 4
+    return rcode & 0xFF  # the key has 8 bits for it; only BADVERS (16) is ever above 15 here
 
 
 class DnsServer:
@@ -119,10 +223,16 @@ class DnsServer:
     def __init__(self, config: Config, table: AnswerSource, *, forwarder: Forwarder | None = None,
                  metrics: Any = None) -> None:
         self.table = table
-        self.metrics = metrics  # reserved: the metrics module reads ``stats`` at scrape time
         self.forwarder = forwarder
         self.stats = DnsStats()
         self.address: str = config.dns_bind  # addresses.dns, else client_addr
+        # The `family` label (CoreDNS: 1 IPv4, 2 IPv6) is the listening socket's: one family
+        # per server, so nothing is worked out per query.
+        self.family_label = "2" if _family(self.address) == socket.AF_INET6 else "1"
+        # dnsdisco.metrics.Metrics: reads ``stats`` when Prometheus scrapes; nothing per query.
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_dns(self)
         self.port: int | None = None
         self._requested_port = config.dns_port
         self._udp: _UdpReader | asyncio.DatagramTransport | None = None
@@ -218,15 +328,30 @@ class DnsServer:
         # Let the transports' close callbacks run before the loop goes away.
         await asyncio.sleep(0)
 
+    @property
+    def tcp_open(self) -> int:
+        """TCP connections open now."""
+        return len(self._connections)
+
     # --- answering (shared by UDP and TCP) ---
 
-    def answer(self, data: bytes, client: tuple[str, int], tcp: bool, send: Callable[[bytes], None]) -> None:
-        """Answer one request: call *send* with the reply now, later (forwarded), or never (dropped)."""
+    def answer(self, data: bytes, client: tuple[str, int], tcp: bool, send: Callable[[bytes], None],
+               t0: float = 0.0) -> None:
+        """Answer one request: call *send* with the reply now, later (forwarded), or never (dropped).
+
+        A non-zero *t0* (``time.perf_counter()`` when the request was read) samples this
+        request for the duration histogram.
+        """
+        stats = self.stats
         query = parse(data, tcp=tcp, client=client)
         if query is None:
+            stats.malformed += 1
             return
         if query.__class__ is bytes:
+            stats.count("tcp" if tcp else "udp", "server", 0, query)  # type: ignore[arg-type]
             send(query)  # type: ignore[arg-type]
+            if t0:
+                stats.observe(0, _clock() - t0)
             return
         assert isinstance(query, Query)
         try:
@@ -234,42 +359,65 @@ class DnsServer:
         except Exception as exc:
             reply = self.servfail(query, exc)
         if reply is None:
-            reply = self.not_ours(query, data, send)
+            reply = self.not_ours(query, data, send, t0)
             if reply is None:
                 return
+        else:
+            counts = stats.tcp_catalog if tcp else stats.udp_catalog
+            key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)
+            counts[key] = counts.get(key, 0) + 1
+            if len(counts) > REPLY_KEYS_MAX:
+                stats.fold()
         send(reply)
+        if t0:
+            stats.observe(query.qtype, _clock() - t0)
         if self.query_log:
             self.log_query(query, reply)
 
-    def not_ours(self, query: Query, data: bytes, send: Callable[[bytes], None]) -> bytes | None:
+    def not_ours(self, query: Query, data: bytes, send: Callable[[bytes], None], t0: float = 0.0) -> bytes | None:
         """Reply for a name outside our zones: now (REFUSED, a cached or rejected answer), or
-        None when a task will send the forwarded answer through *send*."""
+        None when a task will send the forwarded answer through *send* (and, if *t0* is set,
+        record its duration). The reply is counted here, with its source."""
         fwd = self.forwarder
+        stats = self.stats
+        proto = "tcp" if query.tcp else "udp"
         if fwd is None or not fwd.enabled:
             # Consul without recursors: REFUSED, no AA, RA clear (spec §1.2, §1.14).
-            return error_reply(query, Rcode.REFUSED, ra=False)
+            reply = error_reply(query, Rcode.REFUSED, ra=False)
+            stats.count(proto, "server", query.qtype, reply)
+            return reply
         if not fwd.allowed(query.client[0]):
             # Not an open resolver: catalog names answer everyone, recursion only the
             # allow_recursion networks (BIND's allow-recursion; anchors.md §4.2).
-            self.stats.recursion_refused += 1
-            return error_reply(query, Rcode.REFUSED, ra=False)
+            stats.recursion_refused += 1
+            reply = error_reply(query, Rcode.REFUSED, ra=False)
+            stats.count(proto, "server", query.qtype, reply)
+            return reply
         cached = fwd.lookup(query)
         if cached is not None:
+            stats.count(proto, "cache", query.qtype, cached)
             return cached  # a fresh cache hit costs no task
+        stats.count_forwarded(proto, query.qtype)
         if fwd.saturated:
-            self.stats.forwards_rejected += 1
-            return fwd.reject(query)
-        task = asyncio.get_running_loop().create_task(self._forward(fwd, query, data, send))
+            stats.forwards_rejected += 1
+            reply = fwd.reject(query)
+            stats.count(proto, "forward", query.qtype, reply)
+            return reply
+        task = asyncio.get_running_loop().create_task(self._forward(fwd, query, data, send, t0))
         self._forwards.add(task)
         task.add_done_callback(self._forwards.discard)
         return None
 
-    async def _forward(self, fwd: Forwarder, query: Query, data: bytes, send: Callable[[bytes], None]) -> None:
+    async def _forward(self, fwd: Forwarder, query: Query, data: bytes, send: Callable[[bytes], None],
+                       t0: float = 0.0) -> None:
         try:
             reply = await fwd.resolve(query, data)
         except Exception as exc:
             reply = self.servfail(query, exc)
+        self.stats.count("tcp" if query.tcp else "udp", "forward", query.qtype, reply)
         send(reply)
+        if t0:
+            self.stats.observe(query.qtype, _clock() - t0)
         if self.query_log:
             self.log_query(query, reply)
 
@@ -347,6 +495,7 @@ class _UdpReader:
         self.sock = sock
         self.loop = loop
         self.query_log = server.query_log
+        self.counts = server.stats.udp_catalog
         self.reading = False
 
     def start(self) -> bool:
@@ -359,45 +508,68 @@ class _UdpReader:
         return True
 
     def on_readable(self) -> None:
-        # The hot path: keep it flat, with everything it touches in locals.
+        # The hot path: keep it flat, with everything it touches in locals. Metrics cost one
+        # dict update per reply (DnsStats: type, rcode and size in one int key) and one clock
+        # read per batch: the first request of each batch is the duration sample, so an idle
+        # server times every request and a saturated one 1 in UDP_BATCH.
         server = self.server
         stats = server.stats
+        counts = self.counts
         respond = server.table.respond
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
-        for _ in range(UDP_BATCH):
-            try:
-                data, addr = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # An error queued on the socket (ICMP from a vanished client): not ours to fix.
-                continue
-            stats.udp_requests += 1
-            query = parse(data, tcp=False, client=addr)
-            if query is None:
-                continue
-            if query.__class__ is bytes:
-                reply: bytes | None = query  # type: ignore[assignment]
-            else:
+        query_log = self.query_log  # a reload changes it between batches, never during one
+        t0 = _clock()
+        i = skipped = 0
+        try:
+            for i in range(UDP_BATCH):
                 try:
-                    reply = respond(query)  # type: ignore[arg-type]
-                except Exception as exc:
-                    reply = server.servfail(query, exc)  # type: ignore[arg-type]
-                if reply is None:
-                    reply = server.not_ours(query, data, self._sender(addr))  # type: ignore[arg-type]
+                    data, addr = recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    # An error queued on the socket (ICMP from a vanished client): not ours to fix.
+                    skipped += 1
+                    continue
+                query = parse(data, tcp=False, client=addr)
+                if query is None:
+                    stats.malformed += 1
+                    continue
+                if query.__class__ is bytes:
+                    reply: bytes | None = query  # type: ignore[assignment]
+                    stats.count("udp", "server", 0, reply)  # type: ignore[arg-type]
+                else:
+                    try:
+                        reply = respond(query)  # type: ignore[arg-type]
+                    except Exception as exc:
+                        reply = server.servfail(query, exc)  # type: ignore[arg-type]
                     if reply is None:
-                        continue
-            try:
-                sendto(reply, addr)
-            except (BlockingIOError, InterruptedError):
-                # The kernel's send buffer is full: drop. The client retries; a queue here
-                # would only add latency and memory under overload.
-                stats.udp_dropped_overload += 1
-            except OSError:
-                stats.udp_send_errors += 1
-            if self.query_log and query.__class__ is not bytes:
-                server.log_query(query, reply)  # type: ignore[arg-type]
+                        reply = server.not_ours(query, data, self._sender(addr), t0)  # type: ignore[arg-type]
+                        if reply is None:
+                            t0 = 0.0  # the forwarding task records the sample
+                            continue
+                    else:
+                        key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
+                        counts[key] = counts.get(key, 0) + 1
+                try:
+                    sendto(reply, addr)
+                except (BlockingIOError, InterruptedError):
+                    # The kernel's send buffer is full: drop. The client retries; a queue here
+                    # would only add latency and memory under overload.
+                    stats.udp_dropped_overload += 1
+                except OSError:
+                    stats.udp_send_errors += 1
+                if t0:
+                    stats.observe(0 if query.__class__ is bytes else query.qtype, _clock() - t0)  # type: ignore[union-attr]
+                    t0 = 0.0
+                if query_log and query.__class__ is not bytes:
+                    server.log_query(query, reply)  # type: ignore[arg-type]
+            i = UDP_BATCH
+        finally:
+            # Datagrams read in this batch, counted once rather than per datagram.
+            stats.udp_requests += i - skipped
+            if len(counts) > REPLY_KEYS_MAX:
+                stats.fold()
 
     def _sender(self, addr: tuple[str, int]) -> Callable[[bytes], None]:
         def send(reply: bytes) -> None:
@@ -427,6 +599,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.stats = server.stats
         self.respond = server.table.respond
         self.query_log = server.query_log
+        self.counts = server.stats.udp_catalog
+        self.sample = 1
         self.transport: asyncio.DatagramTransport | None = None
         self.paused = False
 
@@ -449,21 +623,36 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             stats.udp_dropped_overload += 1
             return
         stats.udp_requests += 1
+        self.sample -= 1
+        t0 = 0.0
+        if not self.sample:
+            self.sample = _FALLBACK_SAMPLE
+            t0 = _clock()
         query = parse(data, tcp=False, client=addr)
         if query is None:
+            stats.malformed += 1
             return
         if query.__class__ is bytes:
             reply: bytes | None = query  # type: ignore[assignment]
+            stats.count("udp", "server", 0, reply)  # type: ignore[arg-type]
         else:
             try:
                 reply = self.respond(query)  # type: ignore[arg-type]
             except Exception as exc:
                 reply = self.server.servfail(query, exc)  # type: ignore[arg-type]
             if reply is None:
-                reply = self.server.not_ours(query, data, self._sender(addr))  # type: ignore[arg-type]
+                reply = self.server.not_ours(query, data, self._sender(addr), t0)  # type: ignore[arg-type]
                 if reply is None:
                     return
+            else:
+                counts = self.counts
+                key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
+                counts[key] = counts.get(key, 0) + 1
+                if len(counts) > REPLY_KEYS_MAX:
+                    stats.fold()
         self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+        if t0:
+            stats.observe(0 if query.__class__ is bytes else query.qtype, _clock() - t0)  # type: ignore[union-attr]
         if self.query_log and query.__class__ is not bytes:
             self.server.log_query(query, reply)  # type: ignore[arg-type]
 
@@ -529,6 +718,7 @@ class _TcpConnection(asyncio.Protocol):
         size = len(buffer)
         pos = 0
         server = self.server
+        t0 = _clock()  # the first request of each read is the duration sample (as for UDP)
         # Stop when the client is not reading its replies: the rest waits in the buffer and
         # reading is paused, so one connection's backlog is bounded (resume_writing resumes).
         while not self.write_paused and self.transport is not None:
@@ -540,7 +730,8 @@ class _TcpConnection(asyncio.Protocol):
             message = bytes(buffer[pos + 2 : end])
             pos = end
             server.stats.tcp_requests += 1
-            server.answer(message, self.peer, True, self.send)
+            server.answer(message, self.peer, True, self.send, t0)
+            t0 = 0.0
         if pos:
             del buffer[:pos]
 

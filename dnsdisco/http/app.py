@@ -6,11 +6,14 @@ checker) and the config; the caller runs it with ``web.AppRunner``/``web.TCPSite
 module owns what is common to all endpoints (``agent/http.go``): refusals become plain-text
 bodies with their status, an unknown ``/v1/`` path is Consul's 404 text, a wrong method is
 ``405 method X not allowed`` with an ``Allow`` header, and ``OPTIONS`` answers with that header.
+It also serves the Prometheus scrape (``/metrics`` and Consul's ``/v1/agent/metrics``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -19,7 +22,11 @@ from dnsdisco.catalog.store import Store
 from dnsdisco.config import Config
 from dnsdisco.errors import CatalogError
 from dnsdisco.http import agent, catalog, kv, status
-from dnsdisco.http.query import CONFIG, HEALTH, RELOAD, STORE, Reload, TTLUpdater, error_response
+from dnsdisco.http.query import CONFIG, HEALTH, RELOAD, STORE, Reload, TTLUpdater, error_response, json_response
+from dnsdisco.http.status import READY, Ready
+from dnsdisco.metrics import CONTENT_TYPE, Metrics
+
+METRICS = web.AppKey("metrics", object)  # Metrics | None
 
 log = logging.getLogger("dnsdisco.http")
 
@@ -60,16 +67,60 @@ async def _common_headers(request: web.Request, response: web.StreamResponse) ->
     response.headers.setdefault("X-Consul-Default-ACL-Policy", "allow")
 
 
-def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload | None = None) -> web.Application:
+async def _metrics(request: web.Request) -> web.Response:
+    """``/metrics``: the Prometheus text format (CoreDNS *prometheus* serves the same path)."""
+    metrics: Metrics | None = request.app[METRICS]  # type: ignore[assignment]
+    if metrics is None:
+        return error_response(404, "metrics are not enabled in this agent")
+    # Rendering reads plain counters; a few ms at most, so it runs on the loop.
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _agent_metrics(request: web.Request) -> web.Response:
+    """``/v1/agent/metrics``: ``?format=prometheus`` as ``/metrics``; otherwise a JSON summary in
+    the shape of Consul's (``Gauges``, ``Counters``, ``Samples``), with our metric names."""
+    if request.query.get("format") == "prometheus":
+        return await _metrics(request)
+    metrics: Metrics | None = request.app[METRICS]  # type: ignore[assignment]
+    if metrics is None:
+        return error_response(404, "metrics are not enabled in this agent")
+    return json_response(request, _consul_json(metrics))
+
+
+def _consul_json(metrics: Metrics) -> dict[str, Any]:
+    gauges: list[dict[str, Any]] = []
+    counters: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if family.type == "gauge":
+                gauges.append({"Name": sample.name, "Value": sample.value, "Labels": labels})
+            elif family.type == "counter" and sample.name.endswith("_total"):
+                counters.append({"Name": sample.name, "Count": sample.value, "Labels": labels})
+            elif family.type == "histogram" and sample.name.endswith(("_count", "_sum")):
+                samples.append({"Name": sample.name, "Value": sample.value, "Labels": labels})
+    now = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())
+    return {"Timestamp": now, "Gauges": gauges, "Points": [], "Counters": counters, "Samples": samples}
+
+
+def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload | None = None,
+             metrics: Metrics | None = None, ready: Ready | None = None) -> web.Application:
     """The HTTP API over *store*. *health* receives TTL updates (``/v1/agent/check/pass`` ...);
-    *reload*, if given, is awaited by ``PUT /v1/agent/reload``. Tokens (``X-Consul-Token``,
-    ``Authorization: Bearer``, ``?token=``) are accepted and not enforced."""
+    *reload*, if given, is awaited by ``PUT /v1/agent/reload``; *metrics* is served at
+    ``/metrics``; *ready* says whether ``/ready`` is 200 and what its body says (default: once
+    the store is open). Tokens (``X-Consul-Token``, ``Authorization: Bearer``, ``?token=``) are
+    accepted and not enforced."""
     app = web.Application(middlewares=[consul_errors], client_max_size=CLIENT_MAX_SIZE)
     app[STORE] = store
     app[HEALTH] = health
     app[CONFIG] = config
     app[RELOAD] = reload
+    app[METRICS] = metrics
+    app[READY] = ready
     for module in (agent, catalog, kv, status):
         app.add_routes(module.routes)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/agent/metrics", _agent_metrics)
     app.on_response_prepare.append(_common_headers)
     return app

@@ -7,10 +7,17 @@ cluster, so the leader and the only peer are this agent's RPC address, the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from dnsdisco.http.agent import leader_addr
 from dnsdisco.http.query import STORE, check_dc, json_response
+
+# What /ready asks: (ready?, what to say). The agent passes one that knows the first catalog
+# load (embedded) or the mirror's sync and staleness; without one, an open store is ready.
+Ready = Callable[[], tuple[bool, str]]
+READY = web.AppKey("ready", object)  # Ready | None
 
 routes = web.RouteTableDef()
 
@@ -35,7 +42,11 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: 200 once the catalog is open; otherwise 503 naming what is missing."""
+    """Readiness: 200 once the catalog is loaded; otherwise 503 naming what is missing."""
+    check: Ready | None = request.app.get(READY)  # type: ignore[assignment]
+    if check is not None:
+        ok, why = check()
+        return web.Response(status=200 if ok else 503, text=f"{why}\n")
     if request.app[STORE].is_open:
         return web.Response(text="ready\n")
     return web.Response(status=503, text="not ready: catalog store not open\n")
