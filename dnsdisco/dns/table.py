@@ -249,7 +249,7 @@ class _Dc:
 
     __slots__ = (
         "name", "key", "services", "nodes", "nodes_lc", "node_svcs", "node_cells", "member",
-        "any", "full", "node_ips", "svc_ips",
+        "any", "full", "node_ips", "svc_ips", "stale",
     )
 
     def __init__(self, name: str) -> None:
@@ -265,6 +265,7 @@ class _Dc:
         self.full = False  # a full delta has been applied
         self.node_ips: dict[bytes, set[str]] = {}  # node address -> node names (PTR)
         self.svc_ips: dict[bytes, dict[str, int]] = {}  # service address -> names (PTR)
+        self.stale = False  # too old to serve (mirror mode: set_stale)
 
 
 def _renew(cell: Cell) -> Cell:
@@ -381,6 +382,31 @@ class AnswerTable:
             dc.full = True
             if key == self._local:
                 self._sync_cell = _renew(self._sync_cell)
+
+    def set_stale(self, datacenter: str, stale: bool) -> None:
+        """Mark *datacenter*'s catalog as unfit to serve (True) or fit again (False).
+
+        The mirror calls this for a datacenter it has not loaded yet and for one whose copy is
+        older than ``dns_config.max_stale``. While the local datacenter is stale every in-zone
+        name gets SERVFAIL, as before the first sync; while another one is, names in it do.
+        The catalog itself is kept, and served again as soon as the flag clears.
+        """
+        key = datacenter.lower()
+        dc = self._dcs.get(key)
+        if dc is None:
+            dc = self._dcs[key] = _Dc(datacenter)
+            self._dcs_cell = _renew(self._dcs_cell)
+        if dc.stale == stale:
+            return
+        dc.stale = stale
+        # Cached replies do not know about the flag: drop them (cheap to refill), and renew the
+        # cell the SERVFAIL replies hang off so they go when the flag clears.
+        self._fast.clear()
+        self._sync_cell = _renew(self._sync_cell)
+
+    def _serving(self) -> bool:
+        dc = self._dcs.get(self._local)
+        return dc is not None and dc.full and not dc.stale
 
     def respond(self, query: Query) -> bytes | None:
         """The complete reply to *query* (header, question as sent, sections, OPT if the query
@@ -517,7 +543,7 @@ class AnswerTable:
             return None
         domain_text, rest = zone
         domain = self._domain_names[domain_text]
-        if not self.synced:
+        if not self._serving():
             # Honest readiness: nothing in the zone is known before the first full sync.
             return self._remember(query, Fixed(self._sync_cell, Rcode.SERVFAIL))
         dwire = domain.wire
@@ -546,11 +572,15 @@ class AnswerTable:
             dc = self._dc_for(lookup.dc)
             if dc is None:
                 return nxdomain(self._dcs_cell, domain)  # "no path to datacenter"
+            if dc.stale:
+                return Fixed(self._sync_cell, Rcode.SERVFAIL)
             return self._service_reply(dc, lookup, qtype, domain, qname)
         if isinstance(lookup, NodeLookup):
             dc = self._dc_for(lookup.dc)
             if dc is None:
                 return nxdomain(self._dcs_cell, domain)
+            if dc.stale:
+                return Fixed(self._sync_cell, Rcode.SERVFAIL)
             return self._node_reply(dc, lookup.node, qtype, domain)
         if isinstance(lookup, AddrLookup):
             return self._addr_reply(lookup.ip, qtype, domain)
@@ -885,7 +915,7 @@ class AnswerTable:
     # -- reverse -------------------------------------------------------------------------
 
     def _resolve_reverse(self, query: Query) -> Reply | None:
-        if not self.synced:
+        if not self._serving():
             return self._remember(query, Fixed(self._sync_cell, Rcode.SERVFAIL))
         dc = self._dcs[self._local]
         primary = self._domain_names[self._domain]

@@ -44,7 +44,7 @@ class UpstreamConfig:
     ``wait`` is the blocking wait sent with each query; ``query_interval``/``query_burst`` are a
     token bucket per watch (burst 2, then one re-query per ~15 s while the data churns; 0 turns
     the limit off); ``backoff_min``/``backoff_max`` bound the jittered exponential backoff after
-    errors; ``fetch_concurrency`` bounds the per-service reads in flight (and so, with three
+    errors; ``fetch_concurrency`` bounds the per-service reads in flight (and so, with four
     watches per datacenter, the connections held open); ``resync_interval`` re-reads every
     service now and then as a safety net (0 disables it).
     """
