@@ -20,20 +20,24 @@ from aiohttp import web
 
 from dnsdisco import config as configmod
 from dnsdisco.catalog.health import HealthChecker
+from dnsdisco.catalog.model import CatalogDelta
 from dnsdisco.catalog.store import Store
 from dnsdisco.config import Config
 from dnsdisco.dns.server import DnsServer
 from dnsdisco.dns.table import AnswerTable
 from dnsdisco.errors import ConfigError
 from dnsdisco.forward import Forwarder
-from dnsdisco.http.app import make_app
-from dnsdisco.metrics import Metrics, SyncStatus
+from dnsdisco.http.app import make_app, make_ops_app
+from dnsdisco.metrics import Metrics, SyncStatus, mirror_sync_status
+from dnsdisco.sync.mirror import Mirror
 
 log = logging.getLogger("dnsdisco.agent")
 
 
 class Agent:
-    """One dnsdisco agent with the embedded catalog.
+    """One dnsdisco agent: the embedded catalog (the default), or, with ``config.upstream``, a
+    mirror of a Consul cluster. Either producer feeds the same DNS table through catalog deltas,
+    so the DNS side cannot tell the modes apart.
 
     *reload_config* re-reads the configuration from its original sources (files and flags); it
     is what SIGHUP and ``PUT /v1/agent/reload`` call. Without it, reload is refused.
@@ -43,15 +47,24 @@ class Agent:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
-        self.store = Store(
-            datacenter=config.datacenter,
-            node_name=config.node_name,
-            node_address=config.advertise,
-            data_dir=config.data_dir or None,
-            server_port=config.server_port,
-        )
-        self.health = HealthChecker(self.store, enable_script_checks=config.enable_script_checks)
         self.table = AnswerTable(config)
+        self.store: Store | None = None
+        self.health: HealthChecker | None = None
+        self.mirror: Mirror | None = None
+        if config.upstream is not None:
+            self.mirror = Mirror(
+                config.upstream, local_datacenter=config.datacenter, on_delta=self._on_mirror_delta,
+                on_stale=self.table.set_stale, max_stale=config.dns_config.max_stale,
+            )
+        else:
+            self.store = Store(
+                datacenter=config.datacenter,
+                node_name=config.node_name,
+                node_address=config.advertise,
+                data_dir=config.data_dir or None,
+                server_port=config.server_port,
+            )
+            self.health = HealthChecker(self.store, enable_script_checks=config.enable_script_checks)
         self.forwarder = Forwarder(config)
         # Metrics (and their registry) belong to this agent; tests inject a fresh one.
         self.metrics = metrics or Metrics(datacenter=config.datacenter, process=True)
@@ -62,6 +75,11 @@ class Agent:
         self.dns_port: int | None = None
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._freeze: asyncio.Task[None] | None = None
+
+    def _on_mirror_delta(self, delta: CatalogDelta) -> None:
+        self.table.apply(delta)
+        self.metrics.observe_delta(delta)
 
     async def start(self) -> None:
         """Open the catalog, load the config dir's services, and start checks and listeners.
@@ -70,25 +88,18 @@ class Agent:
         with nothing bound. DNS answers SERVFAIL for catalog names until the first full load,
         which happens here before the DNS socket opens.
         """
-        definitions = configmod.decode_services(self.config)
-        loading = time.monotonic()
-        await self.store.open()
         try:
-            await self.store.sync_config_services(definitions)
-            # The table follows the store from here on: every committed change arrives as a
-            # delta in the same loop step, so DNS reflects a write within milliseconds.
-            self.store.add_delta_listener(self.table.apply)
-            self.store.add_delta_listener(self.metrics.observe_delta)
-            full = self.store.full_delta()
-            self.table.apply(full)
-            self.metrics.observe_delta(full)
-            # The embedded catalog is always current: "last success" is now at every scrape.
-            load_seconds = time.monotonic() - loading
-            self.metrics.sync_status = lambda: SyncStatus(duration=load_seconds, last_success=time.time())
-            # The catalog and its index are long-lived: move them out of the cyclic GC's reach,
-            # whose full passes over a 100k-instance heap otherwise stall queries for 100+ ms.
-            gc.freeze()
-            await self.health.start()
+            if self.mirror is not None:
+                if self.config.services:
+                    log.warning("mirror mode: the %d service definitions in config files are ignored "
+                                "(register them with the Consul cluster)", len(self.config.services))
+                # DNS opens at once and answers SERVFAIL for catalog names until the first
+                # complete sync (honest readiness); /ready says 503 until then.
+                await self.mirror.start()
+                self.metrics.sync_status = mirror_sync_status(self.mirror)
+                self._freeze = asyncio.get_running_loop().create_task(self._freeze_after_sync())
+            else:
+                await self._start_embedded()
             if self.config.dns_port >= 0:
                 self.dns = DnsServer(self.config, self.table, forwarder=self.forwarder, metrics=self.metrics)
                 await self.dns.start()
@@ -97,8 +108,12 @@ class Agent:
                 # forwards back to us arrives and is recognised.
                 await self.forwarder.start()
             if self.config.http_port >= 0:
-                app = make_app(self.store, self.health, self.config, reload=self.reload,
-                               metrics=self.metrics, ready=self._ready)
+                if self.store is not None and self.health is not None:
+                    app = make_app(self.store, self.health, self.config, reload=self.reload,
+                                   metrics=self.metrics, ready=self._ready)
+                else:
+                    app = make_ops_app(self.config, metrics=self.metrics, ready=self._ready,
+                                       reload=self.reload)
                 # handler_cancellation: a blocking query whose client has gone away stops waiting at once
                 # instead of holding its slot for up to ten minutes.
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -113,15 +128,46 @@ class Agent:
             await self.stop()
             raise
         log.info(
-            "agent started: datacenter=%s node=%s http=%s dns=%s data_dir=%s",
+            "agent started: datacenter=%s node=%s http=%s dns=%s %s",
             self.config.datacenter, self.config.node_name,
             f"{self.config.http_bind}:{self.http_port}" if self.http_port is not None else "off",
             f"{self.config.dns_bind}:{self.dns_port}" if self.dns_port is not None else "off",
-            self.config.data_dir or "(memory, -dev)",
+            f"upstream={self.config.upstream.address}" if self.config.upstream is not None
+            else f"data_dir={self.config.data_dir or '(memory, -dev)'}",
         )
 
+    async def _start_embedded(self) -> None:
+        assert self.store is not None and self.health is not None
+        definitions = configmod.decode_services(self.config)
+        loading = time.monotonic()
+        await self.store.open()
+        await self.store.sync_config_services(definitions)
+        # The table follows the store from here on: every committed change arrives as a
+        # delta in the same loop step, so DNS reflects a write within milliseconds.
+        self.store.add_delta_listener(self.table.apply)
+        self.store.add_delta_listener(self.metrics.observe_delta)
+        full = self.store.full_delta()
+        self.table.apply(full)
+        self.metrics.observe_delta(full)
+        # The embedded catalog is always current: "last success" is now at every scrape.
+        load_seconds = time.monotonic() - loading
+        self.metrics.sync_status = lambda: SyncStatus(duration=load_seconds, last_success=time.time())
+        # The catalog and its index are long-lived: move them out of the cyclic GC's reach,
+        # whose full passes over a 100k-instance heap otherwise stall queries for 100+ ms.
+        gc.freeze()
+        await self.health.start()
+
+    async def _freeze_after_sync(self) -> None:
+        assert self.mirror is not None
+        if await self.mirror.wait_synced():
+            gc.freeze()  # as in embedded mode, once the mirrored catalog is in memory
+
     def _ready(self) -> tuple[bool, str]:
-        """``/ready``: 200 only once the catalog is loaded and DNS answers from it."""
+        """``/ready``: 200 only once the catalog is loaded and DNS answers from it; in mirror
+        mode, the mirror says how stale it is."""
+        if self.mirror is not None:
+            return self.mirror.ready()
+        assert self.store is not None
         if not self.store.is_open:
             return False, "not ready: the catalog store is not open"
         if not self.table.synced:
@@ -142,13 +188,15 @@ class Agent:
             new = self._reload_config()
             definitions = configmod.decode_services(new)
             fixed = ("datacenter", "node_name", "data_dir", "client_addr", "bind_addr",
-                     "advertise_addr", "http_addr", "dns_addr", "http_port", "dns_port", "dev")
+                     "advertise_addr", "http_addr", "dns_addr", "http_port", "dns_port", "dev",
+                     "upstream")
             changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
             if changed:
                 log.warning("reload: %s changed; these take effect only after a restart",
                             ", ".join(changed))
                 new = configmod.with_overrides(new, **{k: getattr(self.config, k) for k in changed})
-            await self.store.sync_config_services(definitions)
+            if self.store is not None:
+                await self.store.sync_config_services(definitions)
             self.table.reconfigure(new)
             self.forwarder.reload(new)
             if self.dns is not None:
@@ -165,8 +213,15 @@ class Agent:
             await self.dns.stop()
             self.dns = None
         await self.forwarder.stop()
-        await self.health.stop()
-        await self.store.close()
+        if self._freeze is not None:
+            self._freeze.cancel()
+            self._freeze = None
+        if self.mirror is not None:
+            await self.mirror.stop()
+        if self.health is not None:
+            await self.health.stop()
+        if self.store is not None:
+            await self.store.close()
         self._stopped.set()
 
     async def run(self) -> None:

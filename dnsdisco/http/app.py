@@ -124,3 +124,23 @@ def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload
     app.router.add_get("/v1/agent/metrics", _agent_metrics)
     app.on_response_prepare.append(_common_headers)
     return app
+
+
+def make_ops_app(config: Config, *, metrics: Metrics | None, ready: Ready,
+                 reload: Reload | None = None) -> web.Application:
+    """The HTTP listener of a mirror-mode agent: it holds no catalog of its own (the Consul
+    cluster it follows serves the API), so only ``/health``, ``/ready``, ``/metrics`` and
+    ``PUT /v1/agent/reload``; every other ``/v1/`` path gets Consul's 404."""
+    app = web.Application(middlewares=[consul_errors], client_max_size=CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app[RELOAD] = reload
+    app[METRICS] = metrics
+    app[READY] = ready
+    app.router.add_get("/health", status.health)
+    app.router.add_get("/ready", status.ready)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/agent/metrics", _agent_metrics)
+    app.router.add_put("/v1/agent/reload", agent.reload)
+    app.on_response_prepare.append(_common_headers)
+    return app
+

@@ -286,3 +286,44 @@ async def test_agent_forwards_other_names_through_its_recursor(tmp_path):
             await agent.stop()
     finally:
         await upstream.stop()
+
+
+async def test_mirror_mode_agent_serves_dns_from_an_upstream_catalog(tmp_path):
+    # Agent A runs the embedded catalog and stands in for a Consul cluster; agent B mirrors it.
+    upstream = Agent(configmod.load(overrides={"node_name": "server1", "ports": {"http": 0, "dns": -1}},
+                                    dev=True))
+    await upstream.start()
+    try:
+        base = f"http://127.0.0.1:{upstream.http_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.put(f"{base}/v1/agent/service/register",
+                                json={"Name": "web", "ID": "web-1", "Address": "10.9.0.1", "Port": 80}) as r:
+                assert r.status == 200
+            cfg = configmod.load(overrides={"node_name": "mirror1", "ports": {"http": 0, "dns": 0},
+                                            "upstream": {"address": base, "query_interval": "0s"}},
+                                 environ={})
+            assert cfg.upstream is not None and cfg.data_dir == ""
+            mirror = Agent(cfg)
+            await mirror.start()
+            try:
+                assert mirror.store is None and await mirror.mirror.wait_synced(10)
+                assert addresses(await asyncio.to_thread(query, mirror.dns_port, "web.service.consul")) == {"10.9.0.1"}
+                async with http.get(f"http://127.0.0.1:{mirror.http_port}/ready") as r:
+                    assert r.status == 200, await r.text()
+                async with http.get(f"http://127.0.0.1:{mirror.http_port}/v1/catalog/services") as r:
+                    assert r.status == 404  # the mirror serves DNS, not the catalog API
+
+                async with http.put(f"{base}/v1/agent/service/register",
+                                    json={"Name": "web", "ID": "web-2", "Address": "10.9.0.2", "Port": 80}) as r:
+                    assert r.status == 200
+                wanted = {"10.9.0.1", "10.9.0.2"}
+                deadline = time.monotonic() + 5
+                got: set[str] = set()
+                while time.monotonic() < deadline and got != wanted:
+                    got = addresses(await asyncio.to_thread(query, mirror.dns_port, "web.service.consul"))
+                    await asyncio.sleep(0.02)
+                assert got == wanted
+            finally:
+                await mirror.stop()
+    finally:
+        await upstream.stop()

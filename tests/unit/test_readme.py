@@ -32,6 +32,9 @@ def every_key() -> set[str]:
     keys = set(configmod._TOP_KEYS) | {"service"}
     keys |= {f"ports.{k}" for k in configmod._PORT_KEYS} | {f"addresses.{k}" for k in configmod._ADDRESS_KEYS}
     keys |= {f"dns_config.{k}" for k in configmod._DNS_KEYS} | {f"dns_config.soa.{k}" for k in configmod._SOA_KEYS}
+    from dnsdisco.sync.upstream import _KEYS as upstream_keys
+
+    keys |= {"upstream"} | {f"upstream.{k}" for k in upstream_keys}
     return keys | {"recursors"}
 
 
@@ -40,7 +43,7 @@ def test_config_table_lists_exactly_the_keys_the_loader_accepts():
 
 
 def test_config_table_defaults_match_the_code():
-    from dnsdisco.duration import format_duration
+    from dnsdisco.duration import format_duration, parse_duration
 
     table = config_table()
     dns = configmod.DnsConfig()
@@ -61,6 +64,21 @@ def test_config_table_defaults_match_the_code():
             assert doc == str(value), f.name
     for f in fields(configmod.SoaConfig):
         assert table[f"dns_config.soa.{f.name}"].strip("`") == str(getattr(dns.soa, f.name))
+    from dnsdisco.sync.upstream import UpstreamConfig
+
+    up = UpstreamConfig()
+    for f in fields(UpstreamConfig):
+        value, doc = getattr(up, f.name), table[f"upstream.{f.name}"]
+        if isinstance(value, bool):
+            assert doc == f"`{str(value).lower()}`", f.name
+        elif isinstance(value, float):
+            assert parse_duration(doc.strip("`")) == value, (f.name, doc)
+        elif isinstance(value, tuple):
+            assert json.loads(doc.strip("`")) == list(value), f.name
+        elif value in ("", None):
+            assert doc == "none", f.name
+        else:
+            assert doc == f"`{value}`", f.name
     cfg = configmod.Config()
     assert table["datacenter"] == f"`{cfg.datacenter}`"
     assert table["ports.http"] == f"`{cfg.http_port}`" and table["ports.dns"] == f"`{cfg.dns_port}`"
