@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from dnsdisco.duration import parse_duration
 from dnsdisco.errors import ConfigError
+from dnsdisco.values import boolean, integer, kind, string
 from dnsdisco.sync.upstream import UpstreamConfig, parse_upstream, upstream_from_env
 
 RecursorStrategy = Literal["sequential", "random"]
@@ -151,29 +152,7 @@ class Config:
 # `service`/`services` and `recursors` appended, as Consul merges its config fragments.
 
 Parser = Callable[[Any], Any]
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {_kind(v)}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_kind(v)}")
-    return v
-
-
-def _int(lo: int, hi: int) -> Parser:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"expected an integer, got {_kind(v)}")
-        if not lo <= v <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {v}")
-        return v
-
-    return parse
+_str, _bool, _int, _kind = string, boolean, integer, kind
 
 
 def _port(v: Any) -> int:
@@ -283,11 +262,6 @@ def _service_ttl(v: Any) -> tuple[tuple[str, float], ...]:
         except ValueError as e:
             raise ValueError(f"{name!r}: {e}") from None
     return tuple(out)
-
-
-def _kind(v: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 _SOA_KEYS: dict[str, Parser] = {

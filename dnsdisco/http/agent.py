@@ -36,11 +36,11 @@ from dnsdisco.http.query import (
     Reload,
     empty_response,
     error_response,
-    go_bool,
     json_response,
     read_json,
     refuse_filter,
 )
+from dnsdisco.values import go_bool
 
 # The Consul version whose HTTP API this agent follows; clients gate features on it.
 CONSUL_API_VERSION = "1.20.6"

@@ -19,13 +19,13 @@ from dnsdisco.http.query import (
     STORE,
     Read,
     check_dc,
-    go_bool,
     json_response,
     meta_matches,
     node_meta_filter,
     read_json,
     refuse_filter,
 )
+from dnsdisco.values import go_bool
 
 routes = web.RouteTableDef()
 

@@ -45,15 +45,6 @@ DEFAULT_QUERY_TIME = 300.0
 # -- parameters ----------------------------------------------------------------------------------
 
 
-def go_bool(value: str) -> bool | None:
-    """Go's ``strconv.ParseBool``; None when it would fail."""
-    if value in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if value in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    return None
-
-
 def flag(request: web.Request, name: str) -> bool:
     """A presence flag (``?recurse``, ``?keys``, ``?raw``): the value is ignored, as in Consul."""
     return name in request.query

@@ -19,6 +19,11 @@ from urllib.parse import urlsplit
 
 from dnsdisco.duration import parse_duration
 from dnsdisco.errors import ConfigError
+from dnsdisco.values import boolean as _bool
+from dnsdisco.values import go_bool
+from dnsdisco.values import integer as _int
+from dnsdisco.values import kind as _kind
+from dnsdisco.values import string as _str
 
 __all__ = ["ALL_DATACENTERS", "UpstreamConfig", "parse_upstream", "upstream_from_env"]
 
@@ -87,23 +92,6 @@ class UpstreamConfig:
 # -- value checks (each raises ValueError with the text an operator sees) ----------------------
 
 
-def _kind(v: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {_kind(v)}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_kind(v)}")
-    return v
-
-
 def normalize_address(text: str, *, https: bool = False) -> str:
     """``host:port`` gains a scheme (``https`` if *https*, as ``CONSUL_HTTP_SSL`` asks), a trailing
     ``/`` goes; a path, query, or a scheme other than http/https/unix is refused."""
@@ -163,16 +151,6 @@ def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
     return parse
 
 
-def _int(lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"expected an integer, got {_kind(v)}")
-        if not lo <= v <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {v}")
-        return v
-
-    return parse
-
 
 _KEYS: dict[str, Callable[[Any], Any]] = {
     "address": _address,
@@ -228,15 +206,6 @@ def parse_upstream(raw: Mapping[str, Any] | str, source: str) -> UpstreamConfig:
     return config
 
 
-def _go_bool(text: str) -> bool | None:
-    # Consul's api package reads its boolean env vars with strconv.ParseBool.
-    if text in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if text in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    return None
-
-
 def upstream_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """The ``upstream`` settings Consul's standard environment variables give, as a raw section
     for :func:`parse_upstream` (merge files and flags over it: they win).
@@ -251,7 +220,7 @@ def upstream_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     ssl = False
     raw_ssl = environ.get("CONSUL_HTTP_SSL", "")
     if raw_ssl:
-        parsed = _go_bool(raw_ssl)
+        parsed = go_bool(raw_ssl)
         if parsed is None:
             raise ConfigError(f"expected true or false, got {raw_ssl!r}", source="CONSUL_HTTP_SSL")
         ssl = parsed
@@ -265,7 +234,7 @@ def upstream_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         out["address"] = "https://127.0.0.1:8500"
     verify = environ.get("CONSUL_HTTP_SSL_VERIFY", "")
     if verify:
-        parsed = _go_bool(verify)
+        parsed = go_bool(verify)
         if parsed is None:
             raise ConfigError(f"expected true or false, got {verify!r}", source="CONSUL_HTTP_SSL_VERIFY")
         out["tls_skip_verify"] = not parsed
