@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dnsdisco.config import Config
-from dnsdisco.dns.message import Query, Rcode
+from dnsdisco.dns.message import Qtype, Query, Rcode
+from dnsdisco.dns.rr import wire_name
+from dnsdisco.dns.table import Chase
 from dnsdisco.dns.wire import error_reply, parse
 from dnsdisco.metrics import DURATION_BUCKETS, SIZE_BUCKETS, SOURCES, FixedHistogram, is_named_type, type_label
 
@@ -363,6 +365,8 @@ class DnsServer:
             if reply is None:
                 return
         else:
+            if reply.__class__ is Chase and self.chase(query, reply, send, t0):  # type: ignore[arg-type]
+                return
             counts = stats.tcp_catalog if tcp else stats.udp_catalog
             key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)
             counts[key] = counts.get(key, 0) + 1
@@ -420,6 +424,96 @@ class DnsServer:
             self.stats.observe(query.qtype, _clock() - t0)
         if self.query_log:
             self.log_query(query, reply)
+
+    # --- CNAME targets outside our domains (spec §1.6) ---
+
+    def chase(self, query: Query, reply: Chase, send: Callable[[bytes], None], t0: float = 0.0) -> bool:
+        """For a catalog reply whose CNAME chain may end outside our domains: True when a task
+        will resolve the target through the recursors and send the completed reply through
+        *send*; False when *reply* (the CNAME-only answer) is to be sent now: no recursors, a
+        client outside ``allow_recursion``, a full forwarder, or a truncated reply."""
+        fwd = self.forwarder
+        if fwd is None or not fwd.enabled or fwd.saturated or reply[2] & 0x02:
+            return False
+        if query.client[0] and not fwd.allowed(query.client[0]):
+            return False
+        task = asyncio.get_running_loop().create_task(self._chase(fwd, query, reply, send, t0))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
+        return True
+
+    async def _chase(self, fwd: Forwarder, query: Query, reply: Chase, send: Callable[[bytes], None],
+                     t0: float = 0.0) -> None:
+        try:
+            out = await self._chased(fwd, query, reply)
+        except Exception as exc:
+            # Never lose the catalog answer: the CNAME alone is still right.
+            self.stats.errors += 1
+            log.debug("dns: resolving the CNAME target of %s failed: %r", query.qname, exc)
+            out = bytes(reply)
+        counts = self.stats.tcp_catalog if query.tcp else self.stats.udp_catalog
+        key = query.qtype << 24 | (out[3] & 15) << 16 | len(out)
+        counts[key] = counts.get(key, 0) + 1
+        send(out)
+        if t0:
+            self.stats.observe(query.qtype, _clock() - t0)
+        if self.query_log:
+            self.log_query(query, out)
+
+    async def _chased(self, fwd: Forwarder, query: Query, reply: Chase) -> bytes:
+        """*reply* with the records of its chain's outside target spliced in, or *reply* as it
+        is (CNAME only) when the target is not outside, or the recursors have nothing for it."""
+        from dnslib import QTYPE, DNSRecord  # the slow path only
+
+        msg = DNSRecord.parse(reply)
+        end, ttl = query.qname.lower(), 0
+        for _ in range(len(msg.rr)):  # follow the chain from the question name
+            link = next((r for r in msg.rr if r.rtype == QTYPE.CNAME and str(r.rname).lower() == end), None)
+            if link is None:
+                break
+            end, ttl = str(link.rdata.label).lower(), link.ttl
+        if end not in reply.targets or any(
+            str(r.rname).lower() == end and r.rtype in (QTYPE.A, QTYPE.AAAA) for r in msg.rr
+        ):
+            return reply
+        qtypes = (Qtype.A, Qtype.AAAA) if query.qtype == Qtype.ANY else (query.qtype,)
+        answers = await asyncio.gather(*(self._ask(fwd, query, end, t) for t in qtypes))
+        added = []
+        seen = set()
+        for raw in answers:
+            if raw is None or raw[3] & 0xF != Rcode.NOERROR:
+                continue
+            for r in DNSRecord.parse(raw).rr:
+                same = (str(r.rname).lower(), r.rtype, str(r.rdata))
+                if same in seen:
+                    continue  # ANY: the A and AAAA answers repeat the upstream's CNAMEs
+                seen.add(same)
+                if reply.node:
+                    added.append(r)  # node lookups: the recursor's answer, unfiltered (spec §1.6)
+                elif r.rtype in (QTYPE.CNAME, QTYPE.A, QTYPE.AAAA):
+                    r.ttl = ttl  # service lookups: the service TTL
+                    added.append(r)
+        if not reply.node and query.edns is None:
+            added = added[:5]  # Consul: at most 5 resolved records without EDNS
+        if not added:
+            return reply
+        # The records go right after the chain, before node-meta TXT records (ANY on a node).
+        at = next((i for i, r in enumerate(msg.rr) if r.rtype != QTYPE.CNAME), len(msg.rr))
+        msg.rr[at:at] = added
+        out = msg.pack()
+        if len(out) > query.max_size:
+            return reply  # the CNAME alone still fits; the client can resolve the target itself
+        return out
+
+    async def _ask(self, fwd: Forwarder, query: Query, name: str, qtype: int) -> bytes | None:
+        """The forwarder's reply for *name*/*qtype*, asked on behalf of *query*'s client
+        (its cache, coalescing, bounds and ACL apply), or None."""
+        raw = _U16.pack(query.id) + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+        raw += wire_name(name) + struct.pack("!HH", qtype, 1)
+        sub = parse(raw, tcp=False, client=query.client)
+        if not isinstance(sub, Query):
+            return None
+        return await fwd.resolve(sub, raw)
 
     def servfail(self, query: Query, exc: BaseException) -> bytes:
         """SERVFAIL for *query* after *exc*; logs each kind of failure once, counts them all."""
@@ -549,6 +643,9 @@ class _UdpReader:
                             t0 = 0.0  # the forwarding task records the sample
                             continue
                     else:
+                        if reply.__class__ is Chase and server.chase(query, reply, self._sender(addr), t0):  # type: ignore[arg-type]
+                            t0 = 0.0  # the chasing task records the sample
+                            continue
                         key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
                         counts[key] = counts.get(key, 0) + 1
                 try:
@@ -645,6 +742,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                 if reply is None:
                     return
             else:
+                if reply.__class__ is Chase and self.server.chase(query, reply, self._sender(addr), t0):  # type: ignore[arg-type]
+                    return
                 counts = self.counts
                 key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
                 counts[key] = counts.get(key, 0) + 1

@@ -55,7 +55,7 @@ from dnsdisco.dns.render import (
 )
 from dnsdisco.dns.rr import RR, Name
 
-__all__ = ["AnswerTable"]
+__all__ = ["AnswerTable", "Chase"]
 
 # Address preference per question type (Consul's "accept" flags, spec §1.6).
 _ACCEPT_A, _ACCEPT_AAAA, _ACCEPT_ANY = 1, 2, 3
@@ -273,6 +273,40 @@ def _renew(cell: Cell) -> Cell:
     return Cell()
 
 
+class Chase(bytes):
+    """A complete reply (a CNAME chain) whose chain may end at a name outside our domains.
+
+    ``respond`` returns it instead of plain ``bytes`` so that the server can resolve that name
+    through the recursors and splice the records in (spec §1.6); sent as it is, it is the
+    CNAME-only answer. ``targets``: the lower-case names outside our domains the chains end
+    at; ``node``: a node lookup (the recursor's answer section is appended unfiltered) rather
+    than a service lookup (CNAME/A/AAAA kept, TTL set to the service TTL, at most 5 without
+    EDNS). Only hostname instances produce one, so the check costs the hot path one class
+    comparison and the copy is made only for these replies.
+    """
+
+    targets: frozenset[str]
+    node: bool
+
+
+class _Chasing(Reply):
+    """A reply whose rendering is returned as a :class:`Chase`."""
+
+    __slots__ = ("inner", "targets", "node")
+
+    def __init__(self, inner: Reply, targets: frozenset[str], node: bool) -> None:
+        super().__init__(inner.cell)
+        self.inner = inner
+        self.targets = targets
+        self.node = node
+
+    def render(self, query: Query, ctx: Context) -> bytes:
+        out = Chase(self.inner.render(query, ctx))
+        out.targets = self.targets
+        out.node = self.node
+        return out
+
+
 class AnswerTable:
     """The DNS interface's view of the catalog, answering every name inside its zones.
 
@@ -301,6 +335,8 @@ class AnswerTable:
         self._fast: dict[tuple[str, int], Reply] = {}
         self._replies: dict[tuple[object, ...], Reply] = {}
         self._renders_before = 0
+        # While a CNAME reply is built: collects the targets outside our domains (see Chase).
+        self._outside: list[str] | None = None
         self.reconfigure(config)
 
     # -- public contract -----------------------------------------------------------------
@@ -665,19 +701,28 @@ class AnswerTable:
             # Only one CNAME instance is returned; each order is one of them (the shuffle).
             chain_units: list[Unit] = []
             chains: list[list[int]] = []
-            for host in hosts:
-                try:
-                    target_name = ctx.name(host)
-                except ValueError:
-                    continue
-                chain = [_rr.cname(None, ttl, target_name)]
-                chain += self._resolve_host(host, ttl, 1)
-                chains.append(list(range(len(chain_units), len(chain_units) + len(chain))))
-                chain_units.extend(Unit.of(x) for x in chain)
+            outside: list[str] = []
+            self._outside = outside
+            try:
+                for host in hosts:
+                    try:
+                        target_name = ctx.name(host)
+                    except ValueError:
+                        continue
+                    chain = [_rr.cname(None, ttl, target_name)]
+                    chain += self._resolve_host(host, ttl, 1)
+                    chains.append(list(range(len(chain_units), len(chain_units) + len(chain))))
+                    chain_units.extend(Unit.of(x) for x in chain)
+            finally:
+                self._outside = None
             if chains:
-                return Records(
+                records = Records(
                     cell, chain_units, domain, ctx, chains=chains, noedns_limit=1 + _MAX_RESOLVED_NO_EDNS
                 )
+                if outside and addresses:
+                    # A chain ends outside our domains: the server resolves it (spec §1.6).
+                    return _Chasing(records, frozenset(outside), False)
+                return records
         return nodata(cell, domain)
 
     def _srv_units(
@@ -766,10 +811,13 @@ class AnswerTable:
     def _resolve_host(self, host: str, ttl: int, depth: int) -> list[RR]:
         """Records for a CNAME target inside our zones, resolved as an internal ANY query
         (Consul keeps CNAME/A/AAAA, re-stamped with the answer's TTL). Outside the zones:
-        nothing (recursion to upstreams is a later issue)."""
+        nothing here; the name is noted in ``_outside`` when a reply is collecting them, and
+        the server resolves it through the recursors (see :class:`Chase`)."""
         lname = host.lower()
         zone = split_zone(lname, self._domains)
         if zone is None or depth > _MAX_CNAME_DEPTH:
+            if zone is None and self._outside is not None:
+                self._outside.append(lname)  # resolved by the server through the recursors
             return []
         lookup = parse(zone[1], Qtype.ANY)
         owner = self._ctx.name(host)
@@ -844,15 +892,19 @@ class AnswerTable:
         ip = _parse_ip(addr)
         extra = txts if self._dns.enable_additional_node_meta_txt and qtype != Qtype.ANY else []
         units: list[Unit] = []
+        outside: list[str] = []
         if ip is not None:
             if accept == _ACCEPT_ANY or (len(ip) == 4) == (accept == _ACCEPT_A):
                 units.append(Unit.of(_rr.a_or_aaaa(None, ttl, ip), extra))
         elif addr:
             host = _fqdn(addr)
+            self._outside = outside
             try:
                 chain = [_rr.cname(None, ttl, ctx.name(host)), *self._resolve_host(host, ttl, 1)]
             except ValueError:
                 chain = []
+            finally:
+                self._outside = None
             if chain:
                 if split_zone(host.lower(), self._domains):
                     cell = self._any  # resolved through other catalog data
@@ -862,7 +914,11 @@ class AnswerTable:
             return nodata(cell, domain)
         if qtype == Qtype.ANY:
             units.extend(Unit.of(t) for t in txts)
-        return Records(cell, units, domain, ctx, shuffle=False)
+        records = Records(cell, units, domain, ctx, shuffle=False)
+        if outside:
+            # The chain ends outside our domains: the server resolves it (spec §1.6).
+            return _Chasing(records, frozenset(outside), True)
+        return records
 
     def _addr_reply(self, ip: bytes, qtype: int, domain: Name) -> Reply:
         wanted = {Qtype.A: 4, Qtype.AAAA: 16}.get(qtype)
