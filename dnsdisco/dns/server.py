@@ -27,7 +27,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -407,10 +407,14 @@ class DnsServer:
             reply = fwd.reject(query)
             stats.count(proto, "forward", query.qtype, reply)
             return reply
-        task = asyncio.get_running_loop().create_task(self._forward(fwd, query, data, send, t0))
+        self._spawn(self._forward(fwd, query, data, send, t0))
+        return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run *coro* as a task the server tracks, so that stop() can cancel it."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._forwards.add(task)
         task.add_done_callback(self._forwards.discard)
-        return None
 
     async def _forward(self, fwd: Forwarder, query: Query, data: bytes, send: Callable[[bytes], None],
                        t0: float = 0.0) -> None:
@@ -437,9 +441,7 @@ class DnsServer:
             return False
         if query.client[0] and not fwd.allowed(query.client[0]):
             return False
-        task = asyncio.get_running_loop().create_task(self._chase(fwd, query, reply, send, t0))
-        self._forwards.add(task)
-        task.add_done_callback(self._forwards.discard)
+        self._spawn(self._chase(fwd, query, reply, send, t0))
         return True
 
     async def _chase(self, fwd: Forwarder, query: Query, reply: Chase, send: Callable[[bytes], None],
