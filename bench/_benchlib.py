@@ -7,6 +7,7 @@ Every process is started in its own session (its own process group) and register
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -374,3 +375,21 @@ def median(values: Sequence[float]) -> float:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, quiet_wait: float, keep: bool = True) -> None:
+    """The flags every bench script shares: waiting for a quiet machine, JSON output, --keep."""
+    ap.add_argument("--quiet-wait", type=float, default=quiet_wait,
+                    help=f"before each run, wait up to this many seconds for other processes on the "
+                         f"machine to go quiet (default {quiet_wait:g}; runs with other load are flagged)")
+    ap.add_argument("--quiet-budget", type=float, default=120,
+                    help="total seconds all those waits may take (default 120)")
+    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    if keep:
+        ap.add_argument("--keep", action="store_true", help="keep the work dir (data files, logs)")
+
+
+def require_two_cpus() -> None:
+    if os.cpu_count() and os.cpu_count() < 2:  # type: ignore[operator]
+        raise BenchError("needs 2 CPUs: the server is pinned to CPU 1 and dnsperf to CPU 0")
+

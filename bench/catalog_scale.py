@@ -53,7 +53,7 @@ import dns.query
 import dns.rdatatype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, Agent, BenchError, ForeignLoad, Processes,  # noqa: E402
+from _benchlib import (LOOPBACK, Agent, add_common_args, BenchError, ForeignLoad, Processes,  # noqa: E402
                        code_version, free_port, percentile, set_quiet_budget, sigterm_as_exit,
                        start_agent, verdict, wait_for_quiet)
 
@@ -640,13 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(ALL), help=f"scenarios to run (of {','.join(ALL)})")
     ap.add_argument("--start-timeout", type=float, default=120.0,
                     help="seconds an agent may take to start or to answer its whole catalog")
-    ap.add_argument("--quiet-wait", type=float, default=20.0,
-                    help="before each scenario, wait up to this many seconds for other processes on "
-                         "the machine to go quiet (their CPU use is reported as 'other cores')")
-    ap.add_argument("--quiet-budget", type=float, default=120,
-                    help="total seconds all those waits may take (default 120)")
-    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data dir)")
+    add_common_args(ap, quiet_wait=20.0)
     args = ap.parse_args(argv)
     if args.quick:
         args.services, args.writes, args.watch_trials, args.dns_trials = 1_000, 200, 50, 50

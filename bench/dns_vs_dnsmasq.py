@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, Agent, BenchError, ForeignLoad, Processes, Proc,  # noqa: E402
+from _benchlib import (LOOPBACK, Agent, add_common_args, require_two_cpus, BenchError, ForeignLoad, Processes, Proc,  # noqa: E402
                        code_version, dnsperf, free_port, median, need_tool, sigterm_as_exit,
                        set_quiet_budget, start_agent, verdict, wait_for_quiet)
 
@@ -302,18 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure only the agent's default loop (uvloop when installed)")
     ap.add_argument("--dnsmasq-only", action="store_true",
                     help="measure only dnsmasq (checks the reference half and the machine)")
-    ap.add_argument("--quiet-wait", type=float, default=10.0,
-                    help="before each run, wait up to this many seconds for other processes on the "
-                         "machine to go quiet (default 10; runs with other load are flagged NOISY)")
-    ap.add_argument("--quiet-budget", type=float, default=120,
-                    help="total seconds all those waits may take (default 120)")
-    ap.add_argument("--json", type=Path, help="also write the raw runs to this JSON file")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (data files, logs)")
+    add_common_args(ap, quiet_wait=10.0)
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 3, 1
-    if os.cpu_count() and os.cpu_count() < 2:
-        raise BenchError("needs 2 CPUs: the server is pinned to CPU 1 and dnsperf to CPU 0")
+    require_two_cpus()
 
     sigterm_as_exit()
     set_quiet_budget(args.quiet_budget)

@@ -33,8 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, BenchError, Processes, Proc, code_version, free_port,  # noqa: E402
-                       median, need_tool, set_quiet_budget, sigterm_as_exit, start_agent)
+from _benchlib import (LOOPBACK, BenchError, Processes, Proc, add_common_args,  # noqa: E402
+                       code_version, free_port, require_two_cpus, median, need_tool, set_quiet_budget, sigterm_as_exit, start_agent)
 from dns_vs_dnsmasq import (CLIENT_CPU, NOISY, SERVER_CPU, Report, Server, dig_records,  # noqa: E402
                             measure)
 
@@ -124,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--names", type=int, default=1000, help="forwarded names (default 1000)")
     ap.add_argument("--seconds", type=int, default=10, help="dnsperf -l (default 10)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--quiet-wait", type=float, default=10.0)
-    ap.add_argument("--quiet-budget", type=float, default=60)
-    ap.add_argument("--json", type=Path, help="also write the raw runs to this JSON file")
+    add_common_args(ap, quiet_wait=10.0, keep=False)
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 3, 1
-    if os.cpu_count() and os.cpu_count() < 2:
-        raise BenchError("needs 2 CPUs: the server is pinned to CPU 1 and dnsperf to CPU 0")
+    require_two_cpus()
     sigterm_as_exit()
     set_quiet_budget(args.quiet_budget)
     procs = Processes()

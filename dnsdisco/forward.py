@@ -20,7 +20,6 @@ connection per query - when the client asked over TCP (Consul uses the client's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import random

@@ -27,7 +27,6 @@ from dnsdisco.dns import server as servermod
 from dnsdisco.dns.message import Query, Rcode, encode_opt, header, reply_flags
 from dnsdisco.dns.server import DnsServer
 from tests.dnstest import (
-    ecs_option,
     frame,
     opt_rr,
     question,
