@@ -238,7 +238,6 @@ class DnsServer:
         self.port: int | None = None
         self._requested_port = config.dns_port
         self._udp: _UdpReader | asyncio.DatagramTransport | None = None
-        self._udp_protocol: _UdpProtocol | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._connections: set[_TcpConnection] = set()
         self._forwards: set[asyncio.Task[Any]] = set()
@@ -268,8 +267,6 @@ class DnsServer:
         self._apply(config)
         if isinstance(self._udp, _UdpReader):
             self._udp.query_log = self.query_log
-        if self._udp_protocol is not None:
-            self._udp_protocol.query_log = self.query_log
 
     async def start(self) -> None:
         """Bind UDP and TCP and start serving. Raises OSError if the port cannot be bound."""
@@ -295,9 +292,8 @@ class DnsServer:
             if self.udp_direct and reader.start():
                 self._udp = reader
             else:
-                udp, protocol = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+                udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
                 self._udp = udp  # type: ignore[assignment]
-                self._udp_protocol = protocol
             self._tcp = await loop.create_server(
                 lambda: _TcpConnection(self), sock=tcp_sock, backlog=TCP_BACKLOG, start_serving=True
             )
@@ -316,7 +312,6 @@ class DnsServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-            self._udp_protocol = None
         if self._tcp is not None:
             self._tcp.close()
             for conn in list(self._connections):
@@ -696,9 +691,6 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.stats = server.stats
-        self.respond = server.table.respond
-        self.query_log = server.query_log
-        self.counts = server.stats.udp_catalog
         self.sample = 1
         self.transport: asyncio.DatagramTransport | None = None
         self.paused = False
@@ -715,8 +707,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.paused = False
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
-        # The hot path: keep it flat. Everything the table does not answer goes through the
-        # shared (slower) code on the server.
+        # The fallback, not the hot path (the direct reader is): answer through the server's
+        # shared per-request code, which TCP uses too.
         stats = self.stats
         if self.paused:
             stats.udp_dropped_overload += 1
@@ -727,35 +719,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         if not self.sample:
             self.sample = _FALLBACK_SAMPLE
             t0 = _clock()
-        query = parse(data, tcp=False, client=addr)
-        if query is None:
-            stats.malformed += 1
-            return
-        if query.__class__ is bytes:
-            reply: bytes | None = query  # type: ignore[assignment]
-            stats.count("udp", "server", 0, reply)  # type: ignore[arg-type]
-        else:
-            try:
-                reply = self.respond(query)  # type: ignore[arg-type]
-            except Exception as exc:
-                reply = self.server.servfail(query, exc)  # type: ignore[arg-type]
-            if reply is None:
-                reply = self.server.not_ours(query, data, self._sender(addr), t0)  # type: ignore[arg-type]
-                if reply is None:
-                    return
-            else:
-                if reply.__class__ is Chase and self.server.chase(query, reply, self._sender(addr), t0):  # type: ignore[arg-type]
-                    return
-                counts = self.counts
-                key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
-                counts[key] = counts.get(key, 0) + 1
-                if len(counts) > REPLY_KEYS_MAX:
-                    stats.fold()
-        self.transport.sendto(reply, addr)  # type: ignore[union-attr]
-        if t0:
-            stats.observe(0 if query.__class__ is bytes else query.qtype, _clock() - t0)  # type: ignore[union-attr]
-        if self.query_log and query.__class__ is not bytes:
-            self.server.log_query(query, reply)  # type: ignore[arg-type]
+        self.server.answer(data, addr, False, self._sender(addr), t0)
 
     def _sender(self, addr: tuple[str, int]) -> Callable[[bytes], None]:
         def send(reply: bytes) -> None:
