@@ -254,8 +254,17 @@ class Reply:
     def __init__(self, cell: Cell) -> None:
         self.cell = cell
 
-    def render(self, query: Query, ctx: Context) -> bytes:  # pragma: no cover - abstract
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:  # pragma: no cover - abstract
+        """The reply bytes for *query*. Where the reply is shuffled, *pick* (``0 <= pick <
+        choices(query, ctx)``) names which of its orders to use; -1 draws one at random."""
         raise NotImplementedError
+
+    def choices(self, query: Query, ctx: Context) -> int:
+        """How many different replies :meth:`render` can make for *query* (one per shuffle
+        outcome, each named by a *pick*), so that a caller may keep them all and choose among
+        them itself with the same odds; 0 when the bytes also depend on the time (the SOA
+        serial) and must be rendered per query."""
+        return 0
 
 
 class Fixed(Reply):
@@ -267,8 +276,11 @@ class Fixed(Reply):
         super().__init__(cell)
         self.rcode = rcode
 
-    def render(self, query: Query, ctx: Context) -> bytes:
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:
         return ctx.finish(query, self.rcode, 0, 0, 0, b"")
+
+    def choices(self, query: Query, ctx: Context) -> int:
+        return 1
 
 
 class Negative(Reply):
@@ -283,7 +295,7 @@ class Negative(Reply):
         self.domain = domain
         self.in_question = in_question
 
-    def render(self, query: Query, ctx: Context) -> bytes:
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:
         base = 12 + len(query.question)
         soa = ctx.soa(self.domain, base, self.in_question, query.question[:-4])
         return ctx.finish(query, self.rcode, 0, 1, 0, soa)
@@ -493,7 +505,31 @@ class Records(Reply):
         if self.blobs is not None:
             self.flat = [None] * (len(self.perms) if self.perms is not None else 1)
 
-    def render(self, query: Query, ctx: Context) -> bytes:
+    def choices(self, query: Query, ctx: Context) -> int:
+        # The same draw as render's: a chain, or a (permutation, rotation) pair.
+        if self.chains is not None:
+            return len(self.chains)
+        perms = self.perms
+        if perms is None:
+            return 1
+        n = self._n
+        avail = self.limit
+        if query.edns is None and self.noedns_limit:
+            avail = min(avail, self.noedns_limit)
+        mode512 = not query.tcp and query.max_size <= 512  # as Context.rooms
+        if n <= SMALL_WINDOW or self._cap(query, ctx, avail, mode512) <= SMALL_WINDOW:
+            return len(perms) * n
+        return len(perms) * len(self.offsets)
+
+    def _cap(self, query: Query, ctx: Context, avail: int, mode512: bool) -> int:
+        """How many of *avail* answers a reply to *query* may keep before byte trimming."""
+        if query.tcp:
+            return min(avail, self.tcp_cap)
+        if mode512:
+            return min(avail, ctx.udp_limit)
+        return avail
+
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:
         base = 12 + len(query.question)
         edns = query.edns
         opt_len = 0 if edns is None else len(ctx.opt(edns))
@@ -502,19 +538,14 @@ class Records(Reply):
         # How many answers the reply may keep before byte trimming.
         chains = self.chains
         if chains is not None:
-            c = int(ctx.random() * len(chains))
+            c = pick if pick >= 0 else int(ctx.random() * len(chains))
             avail = len(chains[c])
         else:
             c = 0
             avail = self.limit
         if edns is None and self.noedns_limit:
             avail = min(avail, self.noedns_limit)
-        if query.tcp:
-            count = min(avail, self.tcp_cap)
-        elif mode512:
-            count = min(avail, ctx.udp_limit)
-        else:
-            count = avail
+        count = self._cap(query, ctx, avail, mode512)
 
         # Which order (the shuffle). A reply that keeps few answers may start anywhere;
         # one that keeps many starts at one of a few spaced offsets (each such order is a
@@ -525,13 +556,13 @@ class Records(Reply):
             p, r = c, 0
             small = False
         elif count <= SMALL_WINDOW or n <= SMALL_WINDOW:
-            p, r = divmod(int(ctx.random() * len(perms) * n), n)
+            p, r = divmod(pick if pick >= 0 else int(ctx.random() * len(perms) * n), n)
             # Consul measures 512-byte replies uncompressed, so per-unit pieces (compressed
             # only against the question) keep exactly as many answers as full compression.
             small = raw_room >= 0
         else:
             offsets = self.offsets
-            p, j = divmod(int(ctx.random() * len(perms) * len(offsets)), len(offsets))
+            p, j = divmod(pick if pick >= 0 else int(ctx.random() * len(perms) * len(offsets)), len(offsets))
             r = offsets[j]
             small = False
 
@@ -673,7 +704,7 @@ class SoaRecords(Reply):
         self.ns = ns
         self._cache: dict[tuple[int, int, int], tuple[bytes, bytes, int, int]] = {}
 
-    def render(self, query: Query, ctx: Context) -> bytes:
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:
         base = 12 + len(query.question)
         ns = self.ns
         if ns.perms is None:

@@ -28,6 +28,7 @@ from dataclasses import replace
 from dnsdisco.catalog.model import CRITICAL, PASSING, CatalogDelta, Node, ServiceEntry
 from dnsdisco.config import Config
 from dnsdisco.dns import rr as _rr
+from dnsdisco.dns.memo import ReplyMemo
 from dnsdisco.dns.message import Qtype, Query, Rcode
 from dnsdisco.dns.names import (
     AddrLookup,
@@ -300,7 +301,7 @@ class _Chasing(Reply):
         self.targets = targets
         self.node = node
 
-    def render(self, query: Query, ctx: Context) -> bytes:
+    def render(self, query: Query, ctx: Context, pick: int = -1) -> bytes:
         out = Chase(self.inner.render(query, ctx))
         out.targets = self.targets
         out.node = self.node
@@ -333,6 +334,8 @@ class AnswerTable:
         self._sync_cell = Cell()
         self._never = Cell()  # replies that depend on nothing but the config
         self._fast: dict[tuple[str, int], Reply] = {}
+        # Finished replies by request bytes, read by the server before it parses (dns.memo).
+        self.memo = ReplyMemo()
         self._replies: dict[tuple[object, ...], Reply] = {}
         self._renders_before = 0
         # While a CNAME reply is built: collects the targets outside our domains (see Chase).
@@ -381,6 +384,7 @@ class AnswerTable:
         )
         self._node_ttl = _ttl(dns.node_ttl)
         self._fast.clear()
+        self.memo.clear()
         self._replies.clear()
         self._never = _renew(self._never)
         self._sync_cell = _renew(self._sync_cell)
@@ -438,21 +442,27 @@ class AnswerTable:
         # Cached replies do not know about the flag: drop them (cheap to refill), and renew the
         # cell the SERVFAIL replies hang off so they go when the flag clears.
         self._fast.clear()
+        self.memo.clear()
         self._sync_cell = _renew(self._sync_cell)
 
     def _serving(self) -> bool:
         dc = self._dcs.get(self._local)
         return dc is not None and dc.full and not dc.stale
 
-    def respond(self, query: Query) -> bytes | None:
+    def respond(self, query: Query, key: bytes | None = None) -> bytes | None:
         """The complete reply to *query* (header, question as sent, sections, OPT if the query
-        had EDNS), or ``None`` when the name is not ours to answer."""
+        had EDNS), or ``None`` when the name is not ours to answer.
+
+        *key*, the request's bytes after its ID, lets the reply be kept in :attr:`memo` for
+        the server to answer the same request from next time."""
         reply = self._fast.get((query.qname, query.qtype))
         if reply is None or reply.cell.stale:
             reply = self._resolve(query)
             if reply is None:
                 return None
-        return reply.render(query, self._ctx)
+        if key is None:
+            return reply.render(query, self._ctx)
+        return self.memo.answer(key, query, reply, self._ctx, self._rng.random)
 
     # -- catalog indexing ----------------------------------------------------------------
 
