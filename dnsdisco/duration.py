@@ -20,6 +20,7 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
+_MAX_SECONDS = (2**63 - 1) / 1e9
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -43,6 +44,9 @@ def parse_duration(text: str) -> float:
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos == 0:
+        raise ValueError(f"invalid duration {text!r}")
+    if total > _MAX_SECONDS:
+        # A Go Duration is an int64 of nanoseconds (~292 years); ParseDuration refuses more.
         raise ValueError(f"invalid duration {text!r}")
     return sign * total
 

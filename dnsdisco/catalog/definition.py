@@ -85,6 +85,7 @@ _OBJECT = "struct"
 _OBJECTS = "[]struct"
 _OBJMAP = "map[string]struct"
 _ANY = "any"  # an object we accept but do not keep (Proxy, Connect, Locality)
+_INT_MIN, _INT_MAX, _UINT_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,9 @@ def _duration(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise DecodeError(f"{_DECODE}invalid duration {str(value).lower()}", key=key)
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):  # 1e400 parses as inf in Python; Go refuses it
+        # 1e400 parses as inf in Python, and a long integer does not fit a float: Go refuses
+        # both (a time.Duration is an int64 of nanoseconds).
+        if not _INT_MIN <= value <= _INT_MAX or not math.isfinite(value):
             raise DecodeError(f"{_DECODE}invalid duration {value}", key=key)
         return float(value) / 1e9
     if isinstance(value, str):
@@ -183,6 +186,11 @@ def _value(v: Any, f: _F, *, strict: bool, path: str, key: str) -> Any:
             raise _type_error(v, path, kind, key)
         if kind == _UINT and v < 0:
             raise _type_error(v, path, kind, key)
+        if not (_INT_MIN <= v <= _INT_MAX if kind == _INT else v <= _UINT_MAX):
+            # Go's int is 64 bits: a larger number is refused, and the text quotes it
+            # (encoding/json's literalStore).
+            raise DecodeError(
+                f"{_DECODE}json: cannot unmarshal number {v} into Go struct field {path} of type {kind}", key=key)
         return v
     if kind == _BOOL:
         if not isinstance(v, bool):
