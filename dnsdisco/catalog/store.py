@@ -275,10 +275,18 @@ class Store:
         self._epoch = 0
         self._floor = 1  # the index of every topic that has not changed since open
         self._topic_index: dict[str, int] = {}
+        # lower service name -> index of the last write to one of its service rows, oldest
+        # first (a name is moved to the end when written): what services_changed_since reads.
+        self._service_writes: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._tombstones: dict[str, int] = {}
         self._kv_floor = 1
         self._entries: dict[SKey, ServiceEntry] = {}
+        # Per lower-cased service name, its instance keys (sorted) and their entries, built on
+        # first read and then patched per changed key at each commit (bisect): a write into a
+        # service of n instances costs O(log n) plus a memmove, not a sort of all n.
+        self._lists: dict[str, tuple[list[SKey], list[ServiceEntry]]] = {}
+        self._list_of: dict[SKey, str] = {}  # instance key -> the name whose list holds it
         self._services_cache: tuple[int, dict[str, list[str]]] | None = None
         self._check_listeners: list[CheckListener] = []
         self._delta_listeners: list[DeltaListener] = []
@@ -521,21 +529,60 @@ class Store:
         """``/v1/health/service/<name>``: every instance (case-insensitive name) with its node
         and the checks that bear on it - its node's checks plus its own - in Consul's order
         (node, then service ID; checks by ID). Entries are shared: do not mutate."""
-        return self._entries_for(name.lower())
+        return list(self._entries_for(name.lower()))
 
     def _entries_for(self, lname: str) -> list[ServiceEntry]:
-        st = self._state
-        keys = st.by_name.get(lname)
+        """The entries of *lname* in Consul's order. The list is the store's own (patched by
+        later commits): callers copy it (``tuple(...)``) and never mutate it."""
+        cached = self._lists.get(lname)
+        if cached is not None:
+            return cached[1]
+        keys = self._state.by_name.get(lname)
         if not keys:
             return []
-        out = []
-        for key in sorted(keys):
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._build_entry(key)
-                self._entries[key] = entry
-            out.append(entry)
-        return out
+        ordered = sorted(keys)
+        entries = [self._entry(key) for key in ordered]
+        self._lists[lname] = (ordered, entries)
+        for key in ordered:
+            self._list_of[key] = lname
+        return entries
+
+    def _entry(self, key: SKey) -> ServiceEntry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._build_entry(key)
+        return entry
+
+    def _relist(self, key: SKey) -> None:
+        """After a commit that touched instance *key*: move or patch it in the cached entry
+        lists (its entry was dropped from ``_entries``, so it is rebuilt here)."""
+        was = self._list_of.pop(key, None)
+        row = self._state.services.get(key)
+        now = row[0].name.lower() if row is not None else None
+        if was is not None and was != now:
+            cached = self._lists.get(was)
+            if cached is not None:
+                keys, entries = cached
+                i = bisect.bisect_left(keys, key)
+                if i < len(keys) and keys[i] == key:
+                    del keys[i]
+                    del entries[i]
+                if not keys:
+                    del self._lists[was]
+        if now is None:
+            return
+        cached = self._lists.get(now)
+        if cached is None:
+            return  # built in full on its first read
+        keys, entries = cached
+        i = bisect.bisect_left(keys, key)
+        entry = self._entry(key)
+        if i < len(keys) and keys[i] == key:
+            entries[i] = entry
+        else:
+            keys.insert(i, key)
+            entries.insert(i, entry)
+        self._list_of[key] = now
 
     def _build_entry(self, key: SKey) -> ServiceEntry:
         st = self._state
@@ -725,6 +772,8 @@ class Store:
 
         for key in stale:
             self._entries.pop(key, None)
+        for key in stale:
+            self._relist(key)
         for t in topics:
             self._topic_index[t] = index
         for t in topics:

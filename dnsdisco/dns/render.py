@@ -36,6 +36,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from dnsdisco.dns import rr as _rr
 from dnsdisco.dns.message import FLAG_AA, FLAG_QR, FLAG_RA, FLAG_TC, Edns, Query, Rcode, encode_opt
@@ -89,13 +90,14 @@ class Unit:
 
 class LazyUnits(Sequence[Unit]):
     """Units built on first use: a 5,000-instance service answered over 512-byte UDP only
-    ever needs the few units its orders start with."""
+    ever needs the few units its orders start with. *items* pre-fills units already built
+    (by an earlier version of the same answer set); it is copied."""
 
     __slots__ = ("_make", "_items")
 
-    def __init__(self, count: int, make: Callable[[int], Unit]) -> None:
+    def __init__(self, count: int, make: Callable[[int], Unit], items: Sequence[Unit | None] | None = None) -> None:
         self._make = make
-        self._items: list[Unit | None] = [None] * count
+        self._items: list[Unit | None] = list(items) if items is not None else [None] * count
 
     def __len__(self) -> int:
         return len(self._items)
@@ -105,6 +107,117 @@ class LazyUnits(Sequence[Unit]):
         if unit is None:
             unit = self._items[i] = self._make(i)
         return unit
+
+
+def perm_count(n: int) -> int:
+    """How many base permutations an answer set of *n* units is served from (0: unshuffled).
+    Enough that rotations of them give varied orders, few enough that rendering each once
+    stays cheap."""
+    if n <= 1:
+        return 0
+    return 1 if n <= 2 else 2 if n <= 8 else _PERMS_SMALL if n <= 256 else _PERMS_LARGE
+
+
+def spread_offsets(n: int) -> list[int]:
+    """The rotation offsets that replies holding many answers start at."""
+    spread = min(n, _BIG_OFFSETS)
+    return [(j * n) // spread for j in range(spread)] if spread else [0]
+
+
+class Shuffles:
+    """The base permutations (and big-reply offsets) of an answer set that changes in place.
+
+    The owner keeps its units in slots ``0..n-1``: :meth:`add` appends slot ``n``;
+    :meth:`remove` drops slot *i* and renames the last slot to *i* (the owner moves its last
+    unit there too). Each step costs O(1) Python work plus a C-speed scan per permutation,
+    instead of reshuffling all *n*, and keeps every permutation uniformly random: dropping one
+    element of a uniform permutation (the last element fills the hole) leaves a uniform
+    permutation of the rest, and putting a new element at a uniform position (the element
+    there moves to the end) is one step of the inside-out Fisher-Yates shuffle. The offsets
+    stay put while *n* drifts by less than an eighth, so most kept orders stay valid.
+    """
+
+    __slots__ = ("n", "perms", "offsets", "_where", "_n0", "_shuffle", "_random")
+
+    def __init__(self, n: int, shuffle: Callable[[list[int]], None], random: Callable[[], float]) -> None:
+        self._shuffle = shuffle
+        self._random = random
+        self._reset(n)
+
+    def _reset(self, n: int) -> None:
+        self.n = n
+        perms = []
+        for _ in range(perm_count(n)):
+            perm = list(range(n))
+            self._shuffle(perm)
+            perms.append(perm)
+        self.perms = perms
+        # Per permutation, the position of each slot (built on the first removal).
+        self._where: list[list[int]] | None = None
+        self.offsets = spread_offsets(n)
+        self._n0 = n
+
+    def _respread(self) -> None:
+        n = self.n
+        offsets = self.offsets
+        if (
+            len(offsets) != max(1, min(n, _BIG_OFFSETS))
+            or offsets[-1] >= max(n, 1)
+            or abs(n - self._n0) * _BIG_OFFSETS > self._n0
+        ):
+            self.offsets = spread_offsets(n)
+            self._n0 = n
+
+    def add(self) -> None:
+        """A unit was appended at slot ``n``."""
+        n = self.n
+        if perm_count(n + 1) != perm_count(n):
+            self._reset(n + 1)
+            return
+        wheres = self._where
+        for p, perm in enumerate(self.perms):
+            j = int(self._random() * (n + 1))
+            if j >= n:
+                perm.append(n)
+            else:
+                moved = perm[j]
+                perm.append(moved)
+                perm[j] = n
+            if wheres is not None:
+                where = wheres[p]
+                if j < n:
+                    where[moved] = n
+                where.append(min(j, n))
+        self.n = n + 1
+        self._respread()
+
+    def remove(self, i: int) -> None:
+        """Slot *i* is gone and the last slot now answers to *i*."""
+        last = self.n - 1
+        if perm_count(last) != perm_count(last + 1):
+            self._reset(last)
+            return
+        wheres = self._where
+        if wheres is None:
+            wheres = self._where = []
+            for perm in self.perms:
+                where = [0] * len(perm)
+                for pos, v in enumerate(perm):
+                    where[v] = pos
+                wheres.append(where)
+        for perm, where in zip(self.perms, wheres):
+            pos = where[i]
+            tail = perm.pop()
+            if pos < last:
+                perm[pos] = tail
+                where[tail] = pos
+            if i != last:
+                at = where[last]
+                perm[at] = i
+                where[i] = at
+            where.pop()
+        self.n = last
+        self._respread()
 
 
 class Context:
@@ -462,9 +575,11 @@ class Records(Reply):
         tcp_cap: int = TCP_ANSWER_CAP,
         chains: Sequence[Sequence[int]] | None = None,
         blobs: Sequence[bytes] | None = None,
+        shuffles: Shuffles | None = None,
     ) -> None:
         """*blobs*, instead of *units*, gives flat answers already in wire form (see
-        :func:`flat_rr`); *units* is then ignored."""
+        :func:`flat_rr`); *units* is then ignored. *shuffles* gives the permutations of an
+        answer set kept up to date across changes (copied), instead of fresh ones."""
         super().__init__(cell)
         if blobs is not None:
             units = blobs  # type: ignore[assignment]
@@ -482,19 +597,19 @@ class Records(Reply):
         self.perms: list[list[int]] | None = None
         self.offsets: list[int] = [0]
         self.flat: list[tuple[bytes, list[int]] | None] | None = None
-        if chains is None and shuffle and n > 1:
+        if shuffles is not None and chains is None and shuffle and n > 1:
+            assert shuffles.n == n
+            self.perms = [list(perm) for perm in shuffles.perms]
+            self.offsets = list(shuffles.offsets)
+        elif chains is None and shuffle and n > 1:
             # Copy-and-shuffle (CoreDNS loadbalance): the unit list itself is never reordered.
-            # Enough permutations that rotations of them give varied orders, few enough that
-            # rendering each once stays cheap.
-            count = 1 if n <= 2 else 2 if n <= 8 else _PERMS_SMALL if n <= 256 else _PERMS_LARGE
             perms = []
-            for _ in range(count):
+            for _ in range(perm_count(n)):
                 perm = list(range(n))
                 ctx.shuffle(perm)
                 perms.append(perm)
             self.perms = perms
-            spread = min(n, _BIG_OFFSETS)
-            self.offsets = [(j * n) // spread for j in range(spread)]
+            self.offsets = spread_offsets(n)
         self.blobs: Sequence[bytes] | None = None
         if blobs is not None:
             self.blobs = blobs
@@ -603,13 +718,12 @@ class Records(Reply):
         if entry is None:
             blobs = self.blobs
             assert blobs is not None
-            parts = blobs if self.perms is None else [blobs[i] for i in self.perms[p]]
-            ends = [0]
-            total = 0
-            for part in parts:
-                total += len(part)
-                ends.append(total)
-            ends += [total + e for e in ends[1:]]
+            # C-speed passes only: this runs on the first query after a change, over every
+            # answer of the set (5,000 for a big service).
+            parts = blobs if self.perms is None else list(map(blobs.__getitem__, self.perms[p]))
+            ends = list(accumulate(map(len, parts), initial=0))
+            total = ends[-1]
+            ends += map(total.__add__, ends[1:])
             joined = b"".join(parts)
             entry = flat[p] = (joined + joined, ends)
             ctx.renders += 1

@@ -22,7 +22,9 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from itertools import compress, count, islice
+from operator import is_not
 from dataclasses import replace
 
 from dnsdisco.catalog.model import CRITICAL, PASSING, CatalogDelta, Node, ServiceEntry
@@ -49,6 +51,7 @@ from dnsdisco.dns.render import (
     LazyUnits,
     Records,
     Reply,
+    Shuffles,
     SoaRecords,
     Unit,
     nodata,
@@ -61,6 +64,8 @@ __all__ = ["AnswerTable", "Chase"]
 # Address preference per question type (Consul's "accept" flags, spec §1.6).
 _ACCEPT_A, _ACCEPT_AAAA, _ACCEPT_ANY = 1, 2, 3
 _GROUP_ACCEPT = {Qtype.A: _ACCEPT_A, Qtype.AAAA: _ACCEPT_AAAA}
+# Service questions answered from answer sets kept up to date across changes (see _Svc).
+_VIEW_QTYPES = frozenset((Qtype.A, Qtype.AAAA, Qtype.ANY, Qtype.SRV))
 
 # Consul resolves in-domain CNAME targets itself, at most 3 levels deep (guards a service
 # whose address names itself), and keeps at most 5 resolved records without EDNS (spec §1.6).
@@ -197,16 +202,92 @@ def _target(entry: ServiceEntry, accept: int, wan: bool, qname: str) -> _Target 
     return None
 
 
-class _Svc:
-    """One service in one datacenter: its entries and the cell its replies hang off."""
+def _dep_flag(entry: ServiceEntry, domains: tuple[str, ...]) -> bool:
+    """Whether one of *entry*'s addresses is a hostname inside our zones."""
+    addrs = [entry.service.address, entry.node.address]
+    addrs += [t.address for t in entry.service.tagged_addresses.values()]
+    addrs += list(entry.node.tagged_addresses.values())
+    for addr in addrs:
+        if addr and _parse_ip(addr) is None and split_zone(_fqdn(addr.lower()), domains):
+            return True
+    return False
 
-    __slots__ = ("entries", "cell", "_healthy", "_deps")
+
+def _diff(old: Sequence[ServiceEntry], new: Sequence[ServiceEntry]) -> tuple[list[ServiceEntry], list[ServiceEntry]]:
+    """The entries *old* has and *new* lacks, and the reverse, by identity.
+
+    Both come in the producer's stable order with unchanged entries kept as they were, so the
+    change is a window between a common prefix and a common suffix, found by C-speed passes;
+    only the window is compared in Python.
+    """
+    short = min(len(old), len(new))
+    head = next(compress(count(), map(is_not, old, new)), short)
+    tail = next(compress(count(), map(is_not, islice(reversed(old), short - head), reversed(new))), short - head)
+    old_mid = old[head : len(old) - tail]
+    new_mid = new[head : len(new) - tail]
+    if not old_mid or not new_mid:
+        return list(old_mid), list(new_mid)
+    old_ids = set(map(id, old_mid))
+    new_ids = set(map(id, new_mid))
+    return [e for e in old_mid if id(e) not in new_ids], [e for e in new_mid if id(e) not in old_ids]
+
+
+# A change that replaces more than this share of a service's entries rebuilds its views.
+_VIEW_REBUILD_SHARE = 4
+_MAX_VIEWS = 16  # per service: (qtype family, tag, domain) answer sets kept up to date
+
+
+class _Svc:
+    """One version of one service in one datacenter: its entries, the cell its replies hang
+    off, and what carries over to the next version.
+
+    A change makes a new version (new cell: the replies go stale) from the old one and the
+    entries it removed and added, found by identity (the producers keep unchanged entries'
+    identity). Per-entry derived values (aggregate status, the in-zone-hostname flag) and the
+    answer sets (:class:`_AView`, :class:`_SrvView`) move to the new version and are patched
+    for the changed entries only, so a write into a service of 5,000 instances costs O(change).
+    """
+
+    __slots__ = ("entries", "cell", "status", "views", "_healthy", "_deps")
 
     def __init__(self, entries: tuple[ServiceEntry, ...]) -> None:
+        # The caches below are keyed by id(entry): holding the entries keeps their ids from
+        # being reused while they are here, and a removed entry leaves every cache.
         self.entries = entries
         self.cell = Cell()
+        self.status: dict[int, str] = {}  # id -> aggregate status, filled on demand
+        self.views: dict[tuple[object, ...], _AView | _SrvView] = {}
         self._healthy: tuple[bool, list[tuple[ServiceEntry, str]]] | None = None
-        self._deps: tuple[tuple[str, ...], bool] | None = None
+        # (domains, how many entries have an in-zone hostname, id -> that flag)
+        self._deps: tuple[tuple[str, ...], int, dict[int, bool]] | None = None
+
+    def follow(self, prev: _Svc, removed: list[ServiceEntry], added: list[ServiceEntry]) -> None:
+        """Take over *prev*'s per-entry caches and views, patched for the change."""
+        status = prev.status
+        for entry in removed:
+            status.pop(id(entry), None)
+        self.status = status
+        deps = prev._deps
+        if deps is not None:
+            domains, count, flags = deps
+            for entry in removed:
+                count -= flags.pop(id(entry), False)
+            for entry in added:
+                flag = flags[id(entry)] = _dep_flag(entry, domains)
+                count += flag
+            self._deps = (domains, count, flags)
+        if prev.views and (len(removed) + len(added)) * _VIEW_REBUILD_SHARE <= len(self.entries):
+            views = prev.views
+            for view in views.values():
+                view.patch(self, removed, added)
+            self.views = views
+
+    def status_of(self, entry: ServiceEntry) -> str:
+        key = id(entry)
+        status = self.status.get(key)
+        if status is None:
+            status = self.status[key] = entry.status
+        return status
 
     def healthy(self, only_passing: bool) -> list[tuple[ServiceEntry, str]]:
         """Instances that may be served, with their aggregate status (spec §1.9): critical
@@ -216,8 +297,9 @@ class _Svc:
         if cached is not None and cached[0] == only_passing:
             return cached[1]
         out = []
+        status_of = self.status_of
         for entry in self.entries:
-            status = entry.status
+            status = status_of(entry)
             if status == CRITICAL or (only_passing and status != PASSING):
                 continue
             out.append((entry, status))
@@ -228,21 +310,206 @@ class _Svc:
         """Whether an instance address is a hostname inside our zones: then the answer is
         resolved through other catalog data (and may refer to the question itself)."""
         cached = self._deps
-        if cached is not None and cached[0] == domains:
-            return cached[1]
-        found = False
-        for entry in self.entries:
-            addrs = [entry.service.address, entry.node.address]
-            addrs += [t.address for t in entry.service.tagged_addresses.values()]
-            addrs += list(entry.node.tagged_addresses.values())
-            for addr in addrs:
-                if addr and _parse_ip(addr) is None and split_zone(_fqdn(addr.lower()), domains):
-                    found = True
-                    break
-            if found:
-                break
-        self._deps = (domains, found)
-        return found
+        if cached is None or cached[0] != domains:
+            flags = {id(e): _dep_flag(e, domains) for e in self.entries}
+            cached = self._deps = (domains, sum(flags.values()), flags)
+        return cached[1] > 0
+
+
+def _serves(status: str, only_passing: bool) -> bool:
+    return status != CRITICAL and not (only_passing and status != PASSING)
+
+
+def _has_tag(entry: ServiceEntry, tag: str | None) -> bool:
+    return tag is None or any(t.lower() == tag for t in entry.service.tags)
+
+
+class _AView:
+    """A service's address answer (A/AAAA/ANY) for one tag, patched per changed entry.
+
+    Holds, for the instances that may be served, the distinct plain addresses in slots (their
+    records in wire form) and the :class:`~dnsdisco.render.Shuffles` over those slots, plus
+    how many instances are CNAMEs (spec §1.6: any plain address drops them; a CNAME-only
+    answer is built in full). Valid for one :class:`Context` (a reconfigure drops it) and
+    only for services that do not depend on other catalog data (no in-zone hostnames).
+    """
+
+    __slots__ = ("ctx", "accept", "tag", "wan", "ttl", "only_passing", "contrib", "members",
+                 "hosts", "refs", "slot", "ips", "blobs", "shuffles")
+
+    def __init__(self, ctx: Context, accept: int, tag: str | None, wan: bool, ttl: int, only_passing: bool) -> None:
+        self.ctx = ctx
+        self.accept = accept
+        self.tag = tag
+        self.wan = wan
+        self.ttl = ttl
+        self.only_passing = only_passing
+        self.contrib: dict[int, bytes | str | None] = {}  # id -> address, CNAME host or nothing
+        self.members = 0  # instances that may be served (health, tag)
+        self.hosts = 0  # of which CNAMEs
+        self.refs: dict[bytes, int] = {}
+        self.slot: dict[bytes, int] = {}
+        self.ips: list[bytes] = []
+        self.blobs: list[bytes] = []
+        self.shuffles = Shuffles(0, ctx.shuffle, ctx.random)
+
+    def fill(self, svc: _Svc) -> None:
+        shuffles = self.shuffles
+        self.shuffles = None  # type: ignore[assignment]  # shuffled once at the end
+        for entry in svc.entries:
+            self._add(svc, entry)
+        self.shuffles = Shuffles(len(self.ips), shuffles._shuffle, shuffles._random)
+
+    def patch(self, svc: _Svc, removed: list[ServiceEntry], added: list[ServiceEntry]) -> None:
+        for entry in removed:
+            self._remove(entry)
+        for entry in added:
+            self._add(svc, entry)
+
+    def _add(self, svc: _Svc, entry: ServiceEntry) -> None:
+        if not _serves(svc.status_of(entry), self.only_passing) or not _has_tag(entry, self.tag):
+            return
+        self.members += 1
+        target = _target(entry, self.accept, self.wan, "")  # no in-zone names: qname moot
+        c: bytes | str | None = None
+        if target is not None:
+            ip = target.ip
+            if ip is None:
+                c = target.host
+                self.hosts += 1
+            elif self.accept == _ACCEPT_ANY or (len(ip) == 4) == (self.accept == _ACCEPT_A):
+                c = ip
+                refs = self.refs.get(ip, 0)
+                self.refs[ip] = refs + 1
+                if not refs:
+                    self.slot[ip] = len(self.ips)
+                    self.ips.append(ip)
+                    self.blobs.append(_address_rr(self.ttl, ip))
+                    if self.shuffles is not None:
+                        self.shuffles.add()
+        self.contrib[id(entry)] = c
+
+    def _remove(self, entry: ServiceEntry) -> None:
+        key = id(entry)
+        if key not in self.contrib:
+            return
+        c = self.contrib.pop(key)
+        self.members -= 1
+        if type(c) is str:
+            self.hosts -= 1
+        elif c is not None:
+            left = self.refs[c] - 1
+            if left:
+                self.refs[c] = left
+                return
+            del self.refs[c]
+            i = self.slot.pop(c)
+            last_ip = self.ips.pop()
+            last_blob = self.blobs.pop()
+            if i < len(self.ips):
+                self.ips[i] = last_ip
+                self.blobs[i] = last_blob
+                self.slot[last_ip] = i
+            self.shuffles.remove(i)
+
+
+class _SrvView:
+    """A service's SRV answer for one tag and zone, patched per changed entry.
+
+    Instances are grouped by what makes them one SRV record (node, address, port: spec §1.7);
+    each group is a slot whose first member gives the record. Units are built on first use
+    and kept across versions while the slot's first member does not change.
+    """
+
+    __slots__ = ("ctx", "tag", "wan", "ttl", "only_passing", "suffix", "contrib", "members",
+                 "groups", "slot", "plan", "units", "shuffles", "version")
+
+    def __init__(self, ctx: Context, tag: str | None, wan: bool, ttl: int, only_passing: bool, suffix: str) -> None:
+        self.ctx = ctx
+        self.tag = tag
+        self.wan = wan
+        self.ttl = ttl
+        self.only_passing = only_passing
+        self.suffix = suffix
+        self.contrib: dict[int, tuple[str, str, int] | None] = {}  # id -> its group, if any
+        self.members = 0
+        self.groups: dict[tuple[str, str, int], list[tuple[ServiceEntry, str, _Target, Name | None]]] = {}
+        self.slot: dict[tuple[str, str, int], int] = {}
+        self.plan: list[tuple[ServiceEntry, str, _Target, Name | None]] = []
+        self.units: list[Unit | None] = []
+        self.shuffles = Shuffles(0, ctx.shuffle, ctx.random)
+        self.version = 0
+
+    def fill(self, svc: _Svc) -> None:
+        shuffles = self.shuffles
+        self.shuffles = None  # type: ignore[assignment]  # shuffled once at the end
+        for entry in svc.entries:
+            self._add(svc, entry)
+        self.shuffles = Shuffles(len(self.plan), shuffles._shuffle, shuffles._random)
+
+    def patch(self, svc: _Svc, removed: list[ServiceEntry], added: list[ServiceEntry]) -> None:
+        self.version += 1
+        for entry in removed:
+            self._remove(entry)
+        for entry in added:
+            self._add(svc, entry)
+
+    def _add(self, svc: _Svc, entry: ServiceEntry) -> None:
+        status = svc.status_of(entry)
+        if not _serves(status, self.only_passing) or not _has_tag(entry, self.tag):
+            return
+        self.members += 1
+        key: tuple[str, str, int] | None = None
+        target = _target(entry, _ACCEPT_ANY, self.wan, "")
+        if target is not None:
+            host: Name | None = None
+            usable = True
+            if target.ip is None:
+                try:
+                    host = self.ctx.name(target.host)
+                except ValueError:
+                    usable = False  # not a usable DNS name: skip the instance
+            if usable:
+                key = (entry.node.name, target.svc_addr, target.port)
+                item = (entry, status, target, host)
+                group = self.groups.get(key)
+                if group is None:
+                    self.groups[key] = [item]
+                    self.slot[key] = len(self.plan)
+                    self.plan.append(item)
+                    self.units.append(None)
+                    if self.shuffles is not None:
+                        self.shuffles.add()
+                else:
+                    group.append(item)
+        self.contrib[id(entry)] = key
+
+    def _remove(self, entry: ServiceEntry) -> None:
+        ident = id(entry)
+        if ident not in self.contrib:
+            return
+        key = self.contrib.pop(ident)
+        self.members -= 1
+        if key is None:
+            return
+        group = self.groups[key]
+        at = next(j for j, item in enumerate(group) if item[0] is entry)
+        del group[at]
+        i = self.slot[key]
+        if group:
+            if at == 0:  # the group's record came from this instance
+                self.plan[i] = group[0]
+                self.units[i] = None
+            return
+        del self.groups[key]
+        del self.slot[key]
+        last_plan = self.plan.pop()
+        last_unit = self.units.pop()
+        if i < len(self.plan):
+            self.plan[i] = last_plan
+            self.units[i] = last_unit
+            self.slot[(last_plan[0].node.name, last_plan[2].svc_addr, last_plan[2].port)] = i
+        self.shuffles.remove(i)
 
 
 class _Dc:
@@ -471,7 +738,8 @@ class AnswerTable:
         old = state.entries if state is not None else ()
         if entries is old or entries == old:
             return False
-        for entry in old:
+        removed, added = _diff(old, entries)
+        for entry in removed:
             node = entry.node.name
             counts = dc.node_svcs.get(node)
             if counts is not None:
@@ -494,7 +762,7 @@ class AnswerTable:
                         names.pop(svc_name, None)
                         if not names:
                             del dc.svc_ips[ip]
-        for entry in entries:
+        for entry in added:
             node = entry.node
             counts = dc.node_svcs.setdefault(node.name, {})
             counts[name] = counts.get(name, 0) + 1
@@ -508,7 +776,9 @@ class AnswerTable:
         if state is not None:
             state.cell.stale = True
         if entries:
-            dc.services[name] = _Svc(entries)
+            new = dc.services[name] = _Svc(entries)
+            if state is not None:
+                new.follow(state, removed, added)
         else:
             dc.services.pop(name, None)
         if not old or not entries:
@@ -644,6 +914,14 @@ class AnswerTable:
         if reply is not None and not reply.cell.stale:
             return reply
         cell = self._any if depends else state.cell
+        if not depends and qtype in _VIEW_QTYPES:
+            # The common case, kept up to date across changes (O(change) per write).
+            reply = self._view_reply(dc, state, lookup, qtype, domain, cell)
+            if reply is not None:
+                if len(self._replies) >= _REPLIES_MAX:
+                    self._replies.clear()
+                self._replies[key] = reply
+                return reply
         entries = state.healthy(self._dns.only_passing)
         if lookup.tag is not None:
             tag = lookup.tag
@@ -656,6 +934,97 @@ class AnswerTable:
             self._replies.clear()
         self._replies[key] = reply
         return reply
+
+    def _view_reply(
+        self, dc: _Dc, state: _Svc, lookup: ServiceLookup, qtype: int, domain: Name, cell: Cell
+    ) -> Reply | None:
+        """The reply from the service's kept answer set for this question (built on first
+        use, then patched by ``apply``); ``None`` when the answer must be built in full (CNAME
+        instances only, a datacenter name that is no DNS label)."""
+        ctx = self._ctx
+        ttl = _ttl(self._dns.service_ttl_for(lookup.service))
+        wan = self._wan(dc)
+        only_passing = self._dns.only_passing
+        srv = qtype == Qtype.SRV
+        vkey = (qtype, lookup.tag, domain.text if srv else "")
+        view = state.views.get(vkey)
+        if view is not None and view.ctx is not ctx:
+            state.views.clear()  # reconfigured since: every view is stale
+            view = None
+        if view is None:
+            if len(state.views) >= _MAX_VIEWS:
+                state.views.clear()
+            if srv:
+                suffix = f".{dc.name}.{domain.text}"
+                try:
+                    ctx.name("00000000.addr" + suffix)  # the fallback target name must be valid
+                except ValueError:
+                    return None  # a datacenter name that is no DNS label
+                view = _SrvView(ctx, lookup.tag, wan, ttl, only_passing, suffix)
+            else:
+                view = _AView(ctx, _GROUP_ACCEPT.get(qtype, _ACCEPT_ANY), lookup.tag, wan, ttl, only_passing)
+            view.fill(state)
+            state.views[vkey] = view
+        if not view.members:
+            return nxdomain(cell, domain)  # all unhealthy, or no instance has the tag
+        if isinstance(view, _SrvView):
+            if not view.plan:
+                return nodata(cell, domain)
+            units = LazyUnits(len(view.plan), self._srv_maker(view), view.units)
+            return Records(cell, units, domain, ctx, tcp_cap=TCP_SRV_ANSWER_CAP, shuffles=view.shuffles)
+        if view.ips:
+            # Any plain address drops every CNAME instance (spec §1.6).
+            limit = self._dns.a_record_limit
+            if ctx.compress:
+                return Records(cell, (), domain, ctx, limit=limit, blobs=list(view.blobs), shuffles=view.shuffles)
+            units = [Unit.of(_rr.a_or_aaaa(None, view.ttl, ip)) for ip in view.ips]
+            return Records(cell, units, domain, ctx, limit=limit, shuffles=view.shuffles)
+        if view.hosts:
+            return None  # CNAME instances only: one chain per order, built in full
+        return nodata(cell, domain)
+
+    def _srv_maker(self, view: _SrvView) -> Callable[[int], Unit]:
+        """Builds slot *i*'s unit from this version of *view*, and keeps it in the view for the
+        next versions while the view has not changed since."""
+        plan = list(view.plan)
+        version = view.version
+        meta_txt = self._dns.enable_additional_node_meta_txt
+
+        def make(i: int) -> Unit:
+            unit = self._srv_unit(plan[i], view.suffix, view.ttl, meta_txt)
+            if view.version == version:
+                view.units[i] = unit
+            return unit
+
+        return make
+
+    def _srv_unit(
+        self, item: tuple[ServiceEntry, str, _Target, Name | None], suffix: str, ttl: int, meta_txt: bool
+    ) -> Unit:
+        """One SRV answer and its glue (spec §1.7)."""
+        ctx = self._ctx
+        entry, status, target, name = item
+        weights = entry.service.weights
+        weight = weights.passing if status == PASSING else weights.warning
+        node = entry.node
+        glue: list[RR]
+        if target.ip is not None:
+            name = None
+            if target.node_ip:
+                try:
+                    name = ctx.name(node.name + ".node" + suffix)
+                except ValueError:
+                    pass  # a node name that is no DNS name: fall back to the .addr. form
+            if name is None:
+                # The service's own IP (or a WAN-translated node IP): an .addr. name.
+                name = ctx.name(addr_label(target.ip) + ".addr" + suffix)
+            glue = [_rr.a_or_aaaa(name, ttl, target.ip)]
+        else:
+            assert name is not None
+            glue = self._resolve_host(target.host, ttl, 1)[:_MAX_RESOLVED_NO_EDNS]
+        if meta_txt and node.meta:
+            glue.extend(self._node_txt(node, suffix, ttl))
+        return Unit.of(_rr.srv(None, ttl, 1, weight, target.port, name), glue)
 
     def _wan(self, dc: _Dc) -> bool:
         return self._config.translate_wan_addrs and dc.key != self._local
@@ -774,28 +1143,7 @@ class AnswerTable:
             plan.append((entry, status, target, host))
 
         def make(i: int) -> Unit:
-            entry, status, target, name = plan[i]
-            weights = entry.service.weights
-            weight = weights.passing if status == PASSING else weights.warning
-            node = entry.node
-            glue: list[RR]
-            if target.ip is not None:
-                name = None
-                if target.node_ip:
-                    try:
-                        name = ctx.name(node.name + ".node" + suffix)
-                    except ValueError:
-                        pass  # a node name that is no DNS name: fall back to the .addr. form
-                if name is None:
-                    # The service's own IP (or a WAN-translated node IP): an .addr. name.
-                    name = ctx.name(addr_label(target.ip) + ".addr" + suffix)
-                glue = [_rr.a_or_aaaa(name, ttl, target.ip)]
-            else:
-                assert name is not None
-                glue = self._resolve_host(target.host, ttl, 1)[:_MAX_RESOLVED_NO_EDNS]
-            if meta_txt and node.meta:
-                glue.extend(self._node_txt(node, suffix, ttl))
-            return Unit.of(_rr.srv(None, ttl, 1, weight, target.port, name), glue)
+            return self._srv_unit(plan[i], suffix, ttl, meta_txt)
 
         return LazyUnits(len(plan), make)
 

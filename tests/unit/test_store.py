@@ -415,22 +415,25 @@ async def test_concurrent_writes_share_commits_and_keep_order(tmp_path):
 
 async def test_disk_refusal_fails_the_write_and_changes_nothing(tmp_path, monkeypatch):
     d = tmp_path / "data"
-    # Another process holding the write lock is what a refusing disk looks like to SQLite;
-    # with no busy wait the write fails at once instead of after the usual 2 s.
-    monkeypatch.setattr(persist, "BUSY_TIMEOUT_MS", 0)
     s = make_store(str(d))
     await s.open()
     await register(s, "web-1")
     before_index = s.index
     seen: list = []
     s.add_delta_listener(seen.append)
-    blocker = sqlite3.connect(str(d / persist.DB_NAME), isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    # The disk refusing a row mid-transaction, as SQLite reports it (a full disk, an I/O
+    # error); the real thing is tests/integration/test_faults.py.
+    apply = persist.Journal._apply
+
+    def refuse(self, conn, write):
+        apply(self, conn, write)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(persist.Journal, "_apply", refuse)
     try:
         results = await asyncio.gather(register(s, "web-2"), s.kv_put("k", b"v"), return_exceptions=True)
     finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        monkeypatch.setattr(persist.Journal, "_apply", apply)
     assert all(isinstance(r, StorageError) for r in results)
     assert "catalog write failed" in str(results[0]) or "earlier catalog write failed" in str(results[0])
     assert results[0].status == 500
