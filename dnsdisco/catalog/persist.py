@@ -10,17 +10,26 @@ HTTP layer answer 200 only for writes that survive ``kill -9`` or a power cut.
 What is stored is the store's business (it says which rows are durable); how is ours: nodes,
 services and checks as JSON text, KV values as BLOBs, and the catalog index in ``meta``. Nothing
 here knows about HTTP or the event loop beyond handing a completion callback back to it.
+
+When the disk refuses a write (full, read-only, permissions, I/O error) the batch fails with a
+:class:`StorageError` that names the data dir and the OS error, found by :func:`diagnose`
+(SQLite itself only says "database or disk is full" or "disk I/O error"). The writer thread
+lives on: the next batch tries again, so writes succeed once space or permissions come back,
+without a restart. The change into and out of that state is logged once each, not per request,
+and :attr:`Journal.failing` says what is wrong meanwhile (``/ready`` shows it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -58,6 +67,45 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, data T
 # node name, (node, id) or the KV key; value is None for a delete, else a Node, (Service,
 # source), (Check, source) or KVEntry.
 Write = tuple[str, Any, Any]
+
+
+def diagnose(data_dir: str, db_path: str) -> str:
+    """Why the data dir refuses writes, in the OS's words (``"No space left on device"``), or
+    ``""`` when every probe succeeds. Blocking: it opens the database files for writing and
+    writes, fsyncs and removes a 4 KiB probe file, which is what SQLite needed to do."""
+    for path in (db_path, db_path + "-wal"):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return f"{path}: {_os_text(e)}"
+        os.close(fd)
+    probe = os.path.join(data_dir, ".dnsdisco-write-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        return _os_text(e)
+    try:
+        st = os.statvfs(data_dir)
+    except OSError as e:
+        return _os_text(e)
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail * st.f_frsize < 64 * 1024:
+        # The probe fit, SQLite's pages did not (or root's reserved blocks are all that's left).
+        return f"{os.strerror(errno.ENOSPC)} ({st.f_bavail * st.f_frsize} bytes free)"
+    return ""
+
+
+def _os_text(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 # -- JSON forms of the model (our own file format, not Consul's wire format) -------------------
@@ -188,6 +236,11 @@ class Journal:
         self._conn: sqlite3.Connection | None = None
         self._dead_epoch = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by the writer thread while writes fail (read by the event loop: one reference
+        # assignment, atomic under the GIL); None when the last transaction committed.
+        self.failing: str | None = None
+        self.failing_since: float | None = None  # time.time() of the first failure in a row
+        self._failed_batches = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -197,6 +250,12 @@ class Journal:
             os.makedirs(self._data_dir, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # EXCLUSIVE before WAL: SQLite then keeps the WAL index in this process's heap
+            # instead of a mmap'd -shm file. A write to that mapping on a filesystem gone
+            # read-only (or a file made immutable) is a SIGBUS that kills the whole agent, where
+            # a failed write() is a 500 for one request. It also keeps a second agent off the
+            # same data dir (it fails to open with "database is locked").
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: every commit fsyncs the WAL, so a committed write survives a power cut, not
             # only a crash of this process (NORMAL would only survive the latter).
@@ -208,9 +267,17 @@ class Journal:
                 raise StorageError(f"{self.path}: unknown catalog schema version {schema!r}")
             loaded = self._load(conn)
         except sqlite3.Error as e:
-            raise StorageError(f"cannot open the catalog database {self.path}: {e}") from e
+            why = diagnose(self._data_dir, self.path)
+            if not why and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                why = "another process holds the catalog database (a second agent on this data_dir?)"
+            raise StorageError(f"data_dir {self._data_dir} is not usable: "
+                               f"{why + ' (SQLite: ' + str(e) + ')' if why else e} "
+                               f"(database {self.path})") from e
+        except FileExistsError as e:
+            raise StorageError(f"data_dir {self._data_dir} is not usable: it is not a directory") from e
         except OSError as e:
-            raise StorageError(f"cannot open the data dir {self._data_dir}: {e}") from e
+            where = f"{e.filename}: " if e.filename and e.filename != self._data_dir else ""
+            raise StorageError(f"data_dir {self._data_dir} is not usable: {where}{_os_text(e)}") from e
         self._conn = conn
         return loaded
 
@@ -240,7 +307,9 @@ class Journal:
         try:
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
         except sqlite3.Error as e:
-            raise StorageError(f"cannot write to the catalog database {self.path}: {e}") from e
+            why = diagnose(self._data_dir, self.path) or str(e)
+            raise StorageError(f"data_dir {self._data_dir} is not writable: {why} "
+                               f"(database {self.path})") from e
 
     def close(self) -> None:
         """Finish the queued batches, stop the thread and close the file. Blocking."""
@@ -277,7 +346,19 @@ class Journal:
                     stopping = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception as e:
+                # The thread must outlive any one batch: if it died, every later write would
+                # wait forever instead of failing (and succeeding again once the disk is back).
+                log.exception("catalog writer: unexpected error")
+                self._dead_epoch = max(self._dead_epoch, *(j.epoch for j in batch))
+                err = StorageError(f"catalog write failed, nothing was changed: {e}")
+                for job in batch:
+                    try:
+                        self._loop.call_soon_threadsafe(job.done, err)  # type: ignore[union-attr]
+                    except RuntimeError:
+                        pass
 
     def _commit(self, batch: list[_Job]) -> None:
         assert self._conn is not None and self._loop is not None
@@ -285,12 +366,15 @@ class Journal:
         live: list[_Job] = []
         for job in batch:
             if job.epoch <= self._dead_epoch:
-                errors[id(job)] = StorageError("not written: an earlier catalog write failed")
+                errors[id(job)] = StorageError(f"catalog write failed, nothing was changed: it was queued "
+                                               f"behind a write that failed: {self.failing}")
             else:
                 live.append(job)
         if live:
             conn = self._conn
             try:
+                if conn.in_transaction:  # a ROLLBACK after an I/O error can itself fail
+                    conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 for job in live:
                     for write in job.writes:
@@ -298,20 +382,49 @@ class Journal:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (str(live[-1].index),))
                 conn.execute("COMMIT")
             except (sqlite3.Error, OSError, ValueError, TypeError) as e:
-                log.error("catalog write failed: %s", e)
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 self._dead_epoch = max(j.epoch for j in live)
-                err = StorageError(f"catalog write failed, nothing was changed: {e} (database {self.path})")
+                why = self._failed(e)
+                err = StorageError(f"catalog write failed, nothing was changed: {why}")
                 errors.update((id(j), err) for j in live)
+            else:
+                if self.failing is not None:
+                    log.warning("catalog writes succeed again in data_dir %s after %d failed batches "
+                                "over %.1fs", self._data_dir, self._failed_batches,
+                                time.time() - (self.failing_since or time.time()))
+                    self.failing = self.failing_since = None
+                    self._failed_batches = 0
         # Report in queue order: the store applies committed batches in the order it made them.
         for job in batch:
             try:
                 self._loop.call_soon_threadsafe(job.done, errors.get(id(job)))
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+
+    def _failed(self, e: BaseException) -> str:
+        """Record a failed transaction; returns what to tell the client. Logs only when the
+        journal starts failing or the reason changes: a full disk under a stream of writes
+        must not turn into a log line per request."""
+        why = ""
+        if isinstance(e, (sqlite3.Error, OSError)):
+            try:
+                why = diagnose(self._data_dir, self.path)
+            except Exception:  # a probe must never be what kills the writer thread
+                why = ""
+        text = f"data_dir {self._data_dir}: {why} (SQLite: {e})" if why else \
+            f"data_dir {self._data_dir}: {e} (database {self.path})"
+        self._failed_batches += 1
+        if self.failing is None:
+            self.failing_since = time.time()
+            log.error("catalog writes are failing and get HTTP 500 until this is fixed; reads and "
+                      "DNS answer from the last committed state: %s", text)
+        elif why and why not in self.failing:
+            log.error("catalog writes are still failing, now: %s", text)
+        self.failing = text
+        return text
 
     def _apply(self, conn: sqlite3.Connection, write: Write) -> None:
         table, key, value = write

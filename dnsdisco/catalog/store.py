@@ -309,6 +309,13 @@ class Store:
     def is_open(self) -> bool:
         return self._open
 
+    @property
+    def storage_error(self) -> str | None:
+        """Why the data dir refuses writes right now (full, read-only ...), or None. Reads and
+        DNS go on from the committed state meanwhile; it clears at the next write that commits."""
+        journal = self._journal
+        return journal.failing if journal is not None else None
+
     async def open(self) -> None:
         """Load what the data dir holds (if any), then register the agent's node, its
         ``consul`` service and its ``serfHealth`` check, as a Consul server does."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import shutil
 import sqlite3
 import time
 
@@ -584,8 +585,12 @@ async def test_kv_watch_sees_delete_through_tombstone(http_agent):
 
 async def test_durable_agent_answers_after_commit(http_agent_disk):
     await register(http_agent_disk, WEB)
-    # The 200 came after the commit: the row is in the file now, read by another connection.
-    db = sqlite3.connect(f"{http_agent_disk.store.data_dir}/{DB_NAME}")
+    # The 200 came after the commit: the row is in the files now. The agent holds the database
+    # exclusively, so a copy of its files (what a crash would leave) is read instead.
+    copy = f"{http_agent_disk.store.data_dir}/copy.db"
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{http_agent_disk.store.data_dir}/{DB_NAME}{suffix}", copy + suffix)
+    db = sqlite3.connect(copy)
     try:
         assert db.execute("SELECT id FROM services WHERE id='web-1'").fetchone() == ("web-1",)
     finally:
