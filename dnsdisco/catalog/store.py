@@ -621,6 +621,22 @@ class Store:
         get = self._topic_index.get
         return max((get(t, floor) for t in topics), default=floor)
 
+    def services_changed_since(self, since: int, limit: int) -> list[str] | None:
+        """Lower-cased names of the services with a service row written after index *since*
+        (newest first), for the mirror's change hint (``X-Dnsdisco-Changed-Services``); None
+        when that cannot be told (*since* predates this process's history) or more than
+        *limit* changed. Costs O(names returned)."""
+        if since < self._floor:
+            return None
+        out: list[str] = []
+        for name in reversed(self._service_writes):
+            if self._service_writes[name] <= since:
+                break
+            if len(out) >= limit:
+                return None
+            out.append(name)
+        return out
+
     def kv_index(self, key: str, *, prefix: bool) -> int:
         """The index a KV read of *key* (a prefix if *prefix*) answers with: the highest
         ModifyIndex or deletion under it, never below what a client could have seen."""
@@ -740,7 +756,9 @@ class Store:
         for c in changes:
             if c.table == "node":
                 nl = c.key
-                topics.update(("nodes", "services", f"node:{nl}"))
+                # Not "services": Consul's catalog/services index is its services table's, which
+                # a node write leaves alone (it bumps the per-service indexes, svc:<name>).
+                topics.update(("nodes", f"node:{nl}"))
                 node = c.after if c.after is not None else c.before
                 nodes[node.name] = c.after
                 on_node(nl)
@@ -755,6 +773,8 @@ class Store:
                         ln = v[0].name.lower()
                         names.add(ln)
                         topics.update((f"svc:{ln}", f"health:{ln}"))
+                        self._service_writes.pop(ln, None)
+                        self._service_writes[ln] = index
             elif c.table == "check":
                 nl = c.key[0]
                 topics.update(("checks", f"nodechecks:{nl}"))

@@ -8,6 +8,8 @@ nodes ``null``, both 200 with an index, as Consul does.
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from dnsdisco.catalog.definition import decode_deregister_request, decode_register_request
@@ -83,7 +85,26 @@ async def services(request: web.Request) -> web.Response:
                                  if meta_matches(getattr(store.node(s.node), "meta", {}), wanted))
     else:
         out = store.service_names()
-    return json_response(request, out, headers=read.headers(index))
+    headers = read.headers(index)
+    if read.index and index > read.index and request.headers.get(WANT_CHANGES_HEADER):
+        headers[CHANGED_SERVICES_HEADER] = _changed_services(store, read.index)
+    return json_response(request, out, headers=headers)
+
+
+# A dnsdisco extension, not Consul's: a blocking catalog/services read that sends
+# ``X-Dnsdisco-Want-Changes`` gets, when the index moved, the lower-cased names whose service
+# rows were written since the index it sent - a JSON list, or ``*`` when that is not known.
+# Consul has nothing like it (a mirror of Consul must find the service itself); a mirror of
+# dnsdisco (the DNS workers) reads just those services. Consul ignores the request header.
+WANT_CHANGES_HEADER = "X-Dnsdisco-Want-Changes"
+CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
+CHANGED_SERVICES_LIMIT = 256
+
+
+def _changed_services(store: Store, since: int) -> str:
+    names = store.services_changed_since(since, CHANGED_SERVICES_LIMIT)
+    # ensure_ascii: a header is latin-1 on the wire, and JSON escapes any CR/LF in a name.
+    return "*" if names is None else json.dumps(names, separators=(",", ":"))
 
 
 @routes.get("/v1/catalog/service/{name:.*}")

@@ -53,6 +53,7 @@ __all__ = [
     "format_wait",
     "http_timeout",
     "next_index",
+    "parse_changed",
     "parse_meta",
 ]
 
@@ -63,6 +64,11 @@ log = logging.getLogger("dnsdisco.sync.consul")
 TIMEOUT_MARGIN = 10.0
 # Non-blocking reads (one service, the datacenter list) still may carry a big body.
 READ_TIMEOUT = 30.0
+# A dnsdisco extension (``dnsdisco/http/catalog.py``): asked for with the request header, a
+# dnsdisco upstream names the services written since the index sent in the reply header of a
+# blocking ``/v1/catalog/services`` read. Consul ignores the request header and sends nothing.
+WANT_CHANGES_HEADER = "X-Dnsdisco-Want-Changes"
+CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
 
 
 class UpstreamError(DnsdiscoError):
@@ -190,6 +196,9 @@ class QueryMeta:
     known_leader: bool = True
     last_contact: float = 0.0
     filtered_by_acls: bool = False
+    # A dnsdisco upstream's hint (``X-Dnsdisco-Changed-Services``, not Consul's): the lower-cased
+    # names whose service rows were written since the index the request sent. None: no hint.
+    changed: tuple[str, ...] | None = None
 
 
 def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
@@ -205,7 +214,22 @@ def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
     except ValueError:
         contact = 0.0
     filtered = headers.get("X-Consul-Results-Filtered-By-ACLs", "").strip().lower() == "true"
-    return QueryMeta(index=index, known_leader=leader, last_contact=contact, filtered_by_acls=filtered)
+    return QueryMeta(index=index, known_leader=leader, last_contact=contact, filtered_by_acls=filtered,
+                     changed=parse_changed(headers.get(CHANGED_SERVICES_HEADER)))
+
+
+def parse_changed(raw: str | None) -> tuple[str, ...] | None:
+    """A ``X-Dnsdisco-Changed-Services`` value: a JSON list of names, lower-cased; ``*``, absent
+    or anything malformed is None ("not known": the mirror finds the changes itself)."""
+    if not raw or raw.strip() == "*":
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return tuple(n.lower() for n in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +291,8 @@ class ConsulClient:
         headers = {"User-Agent": "dnsdisco-mirror"}
         if self.upstream.token:
             headers["X-Consul-Token"] = self.upstream.token
+        if self.upstream.change_hints:
+            headers[WANT_CHANGES_HEADER] = "1"
         self._session = aiohttp.ClientSession(connector=connector, headers=headers, trace_configs=[trace])
 
     async def close(self) -> None:

@@ -23,10 +23,14 @@ without another request; a check that leaves both lists (passing again, or gone)
 ``/v1/health/node/<node>``. A services move is attributed to the services it touched - new
 names, changed tags, services whose checks or node were written in the same Raft write (same
 index) - and only those are read with ``/v1/health/service/<name>``. If nothing seen explains it
-(a deregistration, an instance registered with passing checks), one read of
-``/v1/health/state/any`` usually does; if not even that (an instance without checks changed its
+(a deregistration, an instance registered with passing checks), the check lists get ``settle``
+seconds to report the same write, then one read of ``/v1/health/state/any`` usually explains
+it (only when checks were written with it: otherwise it cannot); if not even that (an instance without checks changed its
 port, say), every service is re-read ("sweep"), without decoding those whose ``X-Consul-Index``
-did not move. Passing-only check writes (a new output) do not matter to DNS and are caught up by
+did not move. A dnsdisco upstream (the embedded catalog, which the DNS workers follow) names the services
+written since the index the services watch sent (``X-Dnsdisco-Changed-Services``, asked for
+with ``upstream.change_hints``): those are read and nothing needs attributing, so no wait, no
+``state/any`` and no sweep. Passing-only check writes (a new output) do not matter to DNS and are caught up by
 a rate-limited ``state/any`` read; ``resync_interval`` re-reads everything as a safety net for
 writes merged into one wake. Per-service reads run in a pool of ``fetch_concurrency`` workers,
 so the connections held open are ``4 x datacenters + fetch_concurrency`` (+1 to list
@@ -189,6 +193,9 @@ class _Datacenter:
         self._any_bucket = TokenBucket(up.query_interval, up.query_burst, clock=mirror.clock)
         self._any_due = 0.0
         self._any_reserved = False  # a token is taken for a catch-up read due at _any_due
+        self._catch_up: asyncio.Task[None] | None = None
+        # ((self.index, full_loads) at the ask, body, its index)
+        self._caught_up: tuple[tuple[int, int], Any, int] | None = None
         self.index = 0
         self._services_index = 0
         # lower name -> index of the latest check or node write seen to touch it
@@ -204,6 +211,7 @@ class _Datacenter:
         self.sweeps = 0
         self.fetches = 0
         self.any_reads = 0
+        self.hinted = 0
         self.node_reads = 0
         self.deltas = 0
         self.first_sync_seconds: float | None = None
@@ -228,6 +236,12 @@ class _Datacenter:
         async def deliver(data: Any, meta: QueryMeta, reset: bool) -> None:
             # Only the latest reply of each watch matters: a newer one replaces an undigested one.
             # (*reset* is not needed here: the round compares the index with the data it holds.)
+            # A change hint is relative to the previous reply, so one replacing an undigested
+            # reply carries the union of both (no hint if either has none).
+            old = self._pending.get(key)
+            if old is not None and not reset and meta.changed is not None:
+                before = old[1].changed
+                meta = replace(meta, changed=None if before is None else tuple({*before, *meta.changed}))
             self._pending[key] = (data, meta)
             self._wake.set()
 
@@ -292,6 +306,9 @@ class _Datacenter:
             await self._full_load()
             return
         await self._take_nodes_and_checks()
+        self._take_catch_up()
+        # Node and check patches go out now, not after the service reads below.
+        self._flush()
         fetched: set[str] = set()
         item = self._take("services")
         if item is not None:
@@ -301,6 +318,8 @@ class _Datacenter:
             self._unknown.clear()
             self._dirty.clear()
             await self._fetch(extra, skip=False)
+        # What DNS needs is out before the catch-up reads below.
+        self._flush()
         now = self.mirror.clock()
         if self._checks_behind and now >= self._any_due:
             # A check changed without showing in the lists (a passing check's output, a passing
@@ -314,7 +333,7 @@ class _Datacenter:
             else:
                 self._any_reserved = False
                 self._checks_behind = False
-                await self._read_all_checks()
+                self._start_catch_up()
         resync = self.mirror.upstream.resync_interval
         if resync > 0 and now >= self._resync_at:
             self._resync_at = now + resync
@@ -323,6 +342,41 @@ class _Datacenter:
         self._flush()
         if self._unknown:
             self._wake.set()
+
+    def _start_catch_up(self) -> None:
+        """Read every check in the background: at scale the read takes long (20,000 checks:
+        hundreds of ms), and nothing DNS answers waits on it (see :meth:`_take_catch_up`)."""
+        if self._catch_up is not None:
+            self._checks_behind = True  # one is running: another after it
+            return
+        started_at = (self.index, self.full_loads)
+
+        async def run() -> None:
+            try:
+                resp = await self.mirror.client.get("/v1/health/state/any", dc=self.query_dc)
+                self._caught_up = (started_at, resp.data, resp.meta.index)
+            except DnsdiscoError as e:
+                self.last_error = str(e)
+                self._checks_behind = True
+            finally:
+                self._catch_up = None
+                self._wake.set()
+
+        self._catch_up = asyncio.create_task(run(), name=f"{self.name} checks catch-up")
+        self._tasks.append(self._catch_up)
+        self._catch_up.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _take_catch_up(self) -> None:
+        """Fold in a background read of every check - only if nothing moved while it was on its
+        way (an older list must not undo what the watches brought since); else ask again."""
+        item, self._caught_up = self._caught_up, None
+        if item is None:
+            return
+        started_at, body, index = item
+        if (self.index, self.full_loads) != started_at:
+            self._checks_behind = True
+            return
+        self._fold_all_checks(body, index)
 
     async def _take_nodes_and_checks(self) -> None:
         item = self._take("nodes")
@@ -562,8 +616,10 @@ class _Datacenter:
     async def _read_all_checks(self) -> None:
         """Read ``/v1/health/state/any`` (every check) and fold in what differs."""
         resp = await self.mirror.client.get("/v1/health/state/any", dc=self.query_dc)
+        self._fold_all_checks(resp.data, resp.meta.index)
+
+    def _fold_all_checks(self, body: Any, index: int) -> None:
         self.any_reads += 1
-        body, index = resp.data, resp.meta.index
         if not isinstance(body, list):
             raise UpstreamError("health/state/any: expected a list")
         seen: set[CheckKey] = set()
@@ -618,6 +674,16 @@ class _Datacenter:
         prev, self._services_index = self._services_index, index
         self.index = max(self.index, index)
         todo = {k: self._url_name(k) for k in [*added, *retagged]}
+        if meta.changed is not None:
+            # A dnsdisco upstream named the services written since the previous reply: read
+            # just those (removed names are gone already), nothing to attribute.
+            self.hinted += 1
+            todo.update((k, self._url_name(k)) for k in meta.changed if k in new_tags)
+            todo.update(self._unknown)
+            self._unknown.clear()
+            await self._fetch(todo, skip=False)
+            self._forget_events(index)
+            return set(todo)
         todo.update(self._candidates(index))
         fetched = set(todo)
         await self._fetch(todo, skip=False)
@@ -627,10 +693,11 @@ class _Datacenter:
         # Nothing seen yet explains this write. The other watches race with this one for the
         # same write: give them a moment to report it, then look again.
         await self._settle(index)
-        if not self._try_explain(index, fetched) and self._any_index < index:
-            # Still nothing: the write touched no non-passing check (a deregistration, a
-            # registration with passing checks). One read of every check attributes it far
-            # more cheaply than re-reading every service.
+        if not self._try_explain(index, fetched) and self._any_index < index <= self._checks_index:
+            # Still nothing, but checks were written too: the write touched no non-passing
+            # check (a deregistration, a registration with passing checks). One read of every
+            # check attributes it far more cheaply than re-reading every service. (When the
+            # checks index stayed below, no check was written with it: that read cannot help.)
             await self._read_all_checks()
         more = {k: v for k, v in self._candidates(index).items() if k not in fetched}
         fetched.update(more)
@@ -670,10 +737,14 @@ class _Datacenter:
         self._events = {k: i for k, i in self._events.items() if i > index}
 
     async def _settle(self, index: int) -> None:
-        deadline = self.mirror.clock() + SETTLE
-        lists = [self.watches[k] for k in ("nodes", "critical", "warning")]
+        """Give the check lists' replies for write *index* a moment (``settle``) to arrive:
+        they race with the services reply. Ends as soon as both reached *index*. (The nodes
+        list is not waited for: a node written along with a service is a new one, with no
+        mirrored instances to point at.)"""
+        deadline = self.mirror.clock() + self.mirror.settle
+        lists = [self.watches[k] for k in ("critical", "warning")]
         while any(w.index < index for w in lists) and self.mirror.clock() < deadline:
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
         await self._take_nodes_and_checks()
 
     async def _sweep(self, *, exclude: Iterable[str], why: str) -> None:
@@ -803,6 +874,7 @@ class _Datacenter:
             "service_reads": self.fetches,
             "node_reads": self.node_reads,
             "all_checks_reads": self.any_reads,
+            "hinted_services_moves": self.hinted,
             "deltas": self.deltas,
             "last_error": self.last_error,
             "watches": {
@@ -836,6 +908,11 @@ class Mirror:
       False once it is loaded and fresh again.
     * *local_datacenter* names the upstream agent's own datacenter (read without ``?dc=``);
       deltas for it carry this name.
+    * *settle* is how long an unexplained services move waits for the check lists' replies
+      of the same write (``SETTLE``; 0 turns the wait off). Only the Consul path waits: a
+      dnsdisco upstream names the services it wrote (``upstream.change_hints``, on by
+      default; off, a dnsdisco upstream is followed exactly as Consul is).
+      The watches' token bucket is ``upstream.query_interval``/``query_burst`` (0: none).
 
     :meth:`start` returns at once; everything runs in background tasks until :meth:`stop`.
     Nothing here raises because Consul is away: errors are retried with backoff and reported by
@@ -853,8 +930,10 @@ class Mirror:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        settle: float = SETTLE,
     ) -> None:
         self.upstream = upstream
+        self.settle = settle
         self.local_datacenter = local_datacenter
         self._on_delta = on_delta
         self._on_stale = on_stale

@@ -51,7 +51,9 @@ class UpstreamConfig:
     the limit off); ``backoff_min``/``backoff_max`` bound the jittered exponential backoff after
     errors; ``fetch_concurrency`` bounds the per-service reads in flight (and so, with four
     watches per datacenter, the connections held open); ``resync_interval`` re-reads every
-    service now and then as a safety net (0 disables it).
+    service now and then as a safety net (0 disables it). ``change_hints`` asks a dnsdisco
+    upstream to name the services each write touched (an extension Consul ignores); off, the
+    mirror finds them itself as it must with Consul.
     """
 
     address: str = DEFAULT_ADDRESS
@@ -69,6 +71,7 @@ class UpstreamConfig:
     backoff_max: float = 30.0
     fetch_concurrency: int = 8
     resync_interval: float = 600.0
+    change_hints: bool = True
 
     @property
     def all_datacenters(self) -> bool:
@@ -169,6 +172,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "backoff_max": _seconds(0.001, 3600.0),
     "fetch_concurrency": _int(1, 256),
     "resync_interval": _seconds(0.0, 7 * 86400.0),
+    "change_hints": _bool,
 }
 
 

@@ -604,3 +604,78 @@ async def test_5000_services_20000_instances() -> None:
               f"mirror first full sync {load:.2f}s ({dc['service_reads']} reads, "
               f"{status['connections_opened']} connections); check flap -> delta p50 {flaps[len(flaps) // 2]:.3f}s "
               f"max {flaps[-1]:.3f}s over {len(flaps)}; unexplained port change (sweep) -> delta {sweep:.3f}s")
+
+
+# -- every kind of change, at a moderate scale ------------------------------------------------------
+
+
+@pytest.mark.parametrize("hints", [True, False], ids=["dnsdisco-hints", "consul-rules"])
+async def test_every_kind_of_change_shows_at_500_services(hints: bool) -> None:
+    """500 services x 4 instances: each kind of change reaches the table. Against a dnsdisco
+    upstream the services written are named by it, so nothing is swept; followed by Consul's
+    rules only (hints off), the changes nothing else explains are found by a sweep. The bound
+    is loose (a loaded 2-core CI box); bench/mirror_sync.py has the figures at 5,000."""
+    services, per, nodes = 500, 4, 100
+    bound = 10.0
+    async with upstream() as up:
+        store = up.store
+        for k in range(services):
+            for j in range(per):
+                n = (k * per + j) % nodes
+                node = Node(name=f"node{n}", address=f"10.9.{n}.1", datacenter="dc1")
+                svc = Service(node=node.name, id=f"s{k}-{j}", name=f"s{k}", port=8000 + j, tags=("v1",))
+                chk = Check(node=node.name, check_id=f"c{k}-{j}", name="alive", status=PASSING,
+                            service_id=svc.id, definition=CheckDefinition(ttl=30.0))
+                await store.catalog_register(RegisterRequest(datacenter="dc1", node=node, service=svc,
+                                                             checks=(chk,)))
+        async with Follower(up.base, change_hints=hints, wait=60.0) as f:
+            assert await f.mirror.wait_synced(30)
+
+            def ports(name: str) -> set[int]:
+                return {int(r.split()[2]) for r in f.answer(name, Qtype.SRV)[1]}
+
+            async def change(label: str, path: str, body: dict, pred: Callable[[], bool]) -> float:
+                t0 = time.perf_counter()
+                await up.put(path, body)
+                await until(pred, timeout=bound, what=label)
+                return time.perf_counter() - t0
+
+            x = {"Node": "node7", "Address": "10.9.7.1", "SkipNodeUpdate": True}
+            taken = {
+                "register with check": await change("register with check", "/v1/catalog/register", {**x, "Service": {
+                    "ID": "xc", "Service": "s42", "Port": 9001}, "Check": {
+                    "CheckID": "xc", "Name": "x", "Status": "passing", "ServiceID": "xc"}},
+                    lambda: 9001 in ports("s42.service.consul")),
+                "register without check": await change("register without check", "/v1/catalog/register", {
+                    **x, "Service": {"ID": "xb", "Service": "s42", "Port": 9002}},
+                    lambda: 9002 in ports("s42.service.consul")),
+                "port change": await change("port change", "/v1/catalog/register", {
+                    **x, "Service": {"ID": "xb", "Service": "s42", "Port": 9003}},
+                    lambda: 9003 in ports("s42.service.consul") and 9002 not in ports("s42.service.consul")),
+                "tag change": await change("tag change", "/v1/catalog/register", {
+                    **x, "Service": {"ID": "xb", "Service": "s42", "Port": 9003, "Tags": ["canary"]}},
+                    lambda: ports("canary.s42.service.consul") == {9003}),
+                "deregister without check": await change("deregister without check", "/v1/catalog/deregister", {
+                    "Node": "node7", "ServiceID": "xb"}, lambda: 9003 not in ports("s42.service.consul")),
+                "deregister with check": await change("deregister with check", "/v1/catalog/deregister", {
+                    "Node": "node7", "ServiceID": "xc"}, lambda: 9001 not in ports("s42.service.consul")),
+                "health flap": await change("health flap", "/v1/catalog/register", {
+                    "Node": "node20", "Address": "10.9.20.1", "SkipNodeUpdate": True, "Check": {
+                        "CheckID": "c5-0", "Name": "alive", "Status": "critical", "ServiceID": "s5-0"}},
+                    lambda: ports("s5.service.consul") == {8001, 8002, 8003}),
+                "node address": await change("node address", "/v1/catalog/register", {
+                    "Node": "node20", "Address": "10.9.20.2"},
+                    lambda: f.answer("node20.node.consul")[1] == {"10.9.20.2"}),
+                "node meta": await change("node meta", "/v1/catalog/register", {
+                    "Node": "node20", "Address": "10.9.20.2", "NodeMeta": {"rack": "r9"}},
+                    lambda: '"rack=r9"' in f.answer("node20.node.consul", Qtype.TXT)[1]),
+            }
+            await same_as_upstream(f, up, timeout=bound)
+            dc = f.mirror.status()["datacenters"]["dc1"]
+            if hints:
+                # Every services move was named by the upstream: no settle wait, no sweep.
+                assert dc["hinted_services_moves"] >= 6 and dc["sweeps"] == 0
+            else:
+                assert dc["hinted_services_moves"] == 0 and dc["sweeps"] >= 1
+            print(f"\n500 services, hints={hints}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in taken.items())
+                  + f"; sweeps {dc['sweeps']}, state/any reads {dc['all_checks_reads']}")

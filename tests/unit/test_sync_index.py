@@ -22,6 +22,7 @@ from dnsdisco.sync.consul import (
     format_wait,
     http_timeout,
     next_index,
+    parse_changed,
     parse_meta,
     went_backwards,
 )
@@ -168,6 +169,17 @@ def test_parse_meta() -> None:
     assert leaderless == QueryMeta(index=9, known_leader=False, last_contact=61.0, filtered_by_acls=True)
 
 
+def test_parse_changed_services_hint() -> None:
+    # A dnsdisco upstream's list of written services, lower-cased; anything else is "no hint".
+    assert parse_changed('["web","Api"]') == ("web", "api")
+    assert parse_changed("[]") == ()
+    for raw in (None, "", "*", " * ", "[web]", '{"a": 1}', '[1, 2]', '"web"'):
+        assert parse_changed(raw) is None, raw
+    meta = parse_meta({"X-Consul-Index": "7", "X-Dnsdisco-Changed-Services": '["db"]'})
+    assert meta.index == 7 and meta.changed == ("db",)
+    assert parse_meta({"X-Consul-Index": "7"}).changed is None  # Consul sends nothing
+
+
 def test_parse_meta_missing_or_bad_values() -> None:
     assert parse_meta({}) == QueryMeta(index=0, known_leader=True, last_contact=0.0)
     assert parse_meta({"X-Consul-Index": "0"}).index == 1  # present 0 counts as 1, never fed back
@@ -258,3 +270,47 @@ async def test_watch_without_index_header_is_an_error() -> None:
     # A reply without X-Consul-Index: this endpoint cannot be watched; retried with backoff.
     assert delivered == [] and len(slept) == 1 and watch.failing
     assert "X-Consul-Index" in watch.last_error
+
+
+# -- the change hint's source: Store.services_changed_since -------------------------------------------
+
+
+async def test_store_names_the_services_written_since_an_index() -> None:
+    from dnsdisco.catalog.definition import RegisterRequest
+    from dnsdisco.catalog.model import Node, Service
+    from dnsdisco.catalog.store import Store
+
+    store = Store(datacenter="dc1", node_name="agent", node_address="127.0.0.1", data_dir=None)
+    await store.open()
+    try:
+        node = Node(name="n1", address="10.0.0.1", datacenter="dc1")
+
+        async def put(name: str, sid: str, port: int = 1) -> int:
+            await store.catalog_register(RegisterRequest(
+                datacenter="dc1", node=node, service=Service(node="n1", id=sid, name=name, port=port)))
+            return store.index
+
+        start = store.index
+        a = await put("Web", "w1")
+        await put("db", "d1")
+        services_index = store.topic_index("services")
+        assert store.services_changed_since(start, 10) == ["db", "web"]  # newest first, lower-cased
+        assert store.services_changed_since(a, 10) == ["db"]
+        assert store.services_changed_since(store.index, 10) == []
+        await put("web", "w1", port=2)  # written again: moves to the front
+        assert store.services_changed_since(a, 10) == ["web", "db"]
+        assert store.services_changed_since(start, 1) is None  # more than the limit: unknown
+        assert store.services_changed_since(0, 10) is None  # before this process's history
+        # As in Consul, a node write moves the node list and the per-service indexes, not the
+        # catalog/services index, and names no service row.
+        before = store.index
+        services_index = store.topic_index("services")
+        await store.catalog_register(RegisterRequest(
+            datacenter="dc1", node=Node(name="n1", address="10.0.0.9", datacenter="dc1")))
+        assert store.index > before and store.topic_index("services") == services_index
+        assert store.topic_index("nodes") == store.index == store.topic_index("svc:web")
+        assert store.services_changed_since(before, 10) == []
+        await store.catalog_deregister("n1", "d1")
+        assert store.services_changed_since(before, 10) == ["db"]
+    finally:
+        await store.close()
