@@ -44,6 +44,32 @@ class SoaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``dns_config.rate_limit``: response rate limiting of UDP replies (dnsdisco's own; Consul
+    has none). BIND's ``rate-limit`` options in snake_case, with BIND's defaults; see
+    :mod:`dnsdisco.dns.rrl`. Off while every rate is 0 (the default). ``None`` for the NODATA,
+    NXDOMAIN and error rates means "as ``responses_per_second``", as in BIND.
+    """
+
+    responses_per_second: int = 0
+    nodata_per_second: int | None = None
+    nxdomains_per_second: int | None = None
+    errors_per_second: int | None = None
+    window: float = 15.0
+    slip: int = 2
+    ipv4_prefix_length: int = 24
+    ipv6_prefix_length: int = 56
+    exempt_clients: tuple[str, ...] = ()
+    log_only: bool = False
+    max_table_size: int = 20000
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.responses_per_second, self.nodata_per_second, self.nxdomains_per_second,
+                    self.errors_per_second))
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     """``dns_config``: how the DNS interface answers. Durations are seconds.
 
@@ -76,6 +102,8 @@ class DnsConfig:
     recursor_max_concurrent: int = 1000  # CoreDNS forward max_concurrent (k8s deployment value)
     recursor_cache_size: int = 10000  # forwarded answers kept; 0 disables the cache
     recursor_serve_stale: float = 86400.0  # RFC 8767 maximum stale age; 0 never serves stale
+    # dnsdisco's own: response rate limiting (dnsdisco.dns.rrl); off by default.
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     def service_ttl_for(self, name: str) -> float:
         """TTL for service *name*: exact key, else the longest matching ``prefix*``, else 0."""
@@ -271,6 +299,30 @@ _SOA_KEYS: dict[str, Parser] = {
     "min_ttl": _int(0, 2**31 - 1),
 }
 
+
+def _rrl_window(v: Any) -> float:
+    # BIND: 1 to 3600 seconds; written as a duration here like every other time in the config.
+    seconds = _duration(v)
+    if not 1.0 <= seconds <= 3600.0:
+        raise ValueError(f"must be between 1s and 1h, got {v!r}")
+    return seconds
+
+
+# dns_config.rate_limit: BIND's rate-limit options (dnsdisco.dns.rrl), with BIND's ranges.
+_RATE_LIMIT_KEYS: dict[str, Parser] = {
+    "responses_per_second": _int(0, 1000),
+    "nodata_per_second": _int(0, 1000),
+    "nxdomains_per_second": _int(0, 1000),
+    "errors_per_second": _int(0, 1000),
+    "window": _rrl_window,
+    "slip": _int(0, 10),
+    "ipv4_prefix_length": _int(0, 32),
+    "ipv6_prefix_length": _int(0, 128),
+    "exempt_clients": _cidrs,
+    "log_only": _bool,
+    "max_table_size": _int(1, 10_000_000),
+}
+
 _DNS_KEYS: dict[str, Parser] = {
     "allow_stale": _bool,
     "max_stale": _duration,
@@ -353,9 +405,12 @@ def parse_source(raw: Any, source: str) -> dict[str, Any]:
                 raise ConfigError(f"expected an object, got {_kind(value)}", source=source, key=key)
             section = dict(value)
             soa = section.pop("soa", None)
+            rate_limit = section.pop("rate_limit", None)
             parsed = _check_section(section, _DNS_KEYS, key, source)
             if soa is not None:
                 parsed["soa"] = _check_section(soa, _SOA_KEYS, "dns_config.soa", source)
+            if rate_limit is not None:
+                parsed["rate_limit"] = _check_section(rate_limit, _RATE_LIMIT_KEYS, "dns_config.rate_limit", source)
             out[key] = parsed
         elif key == "upstream":
             # Checked here so a bad value names this source; merged key by key like a section.

@@ -242,8 +242,13 @@ METRICS: tuple[MetricInfo, ...] = (
                "DNS requests or replies dropped without an answer reaching the client, by reason."),
     MetricInfo("dnsdisco_dns_panics_total", "counter", (),
                "Unexpected errors while answering a DNS request (each answered SERVFAIL)."),
+    MetricInfo("dnsdisco_dns_rate_limited_total", "counter", ("action",),
+               "UDP replies limited by dns_config.rate_limit: drop (not sent), slip (sent truncated, "
+               "or an error reply sent as it was) or log_only (sent, counted only)."),
     MetricInfo("dnsdisco_dns_tcp_connections", "gauge", (),
                "DNS TCP connections open now."),
+    MetricInfo("dnsdisco_dns_worker_restarts_total", "counter", (),
+               "DNS worker processes (dns_workers > 1) that exited unexpectedly and were started again."),
     MetricInfo("dnsdisco_catalog_services", "gauge", (),
                "Service names in the local datacenter's catalog."),
     MetricInfo("dnsdisco_catalog_instances", "gauge", (),
@@ -290,6 +295,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.catalog = CatalogCounts(datacenter)
         self.sync_status: Callable[[], SyncStatus] | None = None
+        # With DNS worker processes (dnsdisco.workers): called first at each scrape, to fetch
+        # the workers' counters into the objects watch_dns/watch_forwarder read; and the restarts.
+        self.before_scrape: list[Callable[[], None]] = []
+        self.worker_restarts: Callable[[], int] | None = None
         self._dns: list[DnsServer] = []
         self._forwarders: list[Forwarder] = []
         self.registry.register(_DnsdiscoCollector(self))
@@ -320,6 +329,8 @@ class Metrics:
 
     def _families(self) -> Iterator[Metric]:
         # Every family is built from the sources as they are now; nothing is kept between scrapes.
+        for hook in self.before_scrape:
+            hook()
         fam = _Families()
         fam.gauge("dnsdisco_build_info").add_metric([__version__, platform.python_version()], 1)
         self._dns_families(fam)
@@ -334,6 +345,7 @@ class Metrics:
         durations: dict[str, FixedHistogram] = {}
         dropped: dict[str, int] = {}
         panics = 0
+        limited = {"drop": 0, "slip": 0, "log_only": 0}
         connections = 0
         for server in self._dns:
             stats = server.stats
@@ -359,6 +371,10 @@ class Metrics:
             for reason, n in stats.dropped().items():
                 dropped[reason] = dropped.get(reason, 0) + n
             panics += stats.errors
+            rl = stats.rate_limit
+            limited["drop"] += rl.dropped
+            limited["slip"] += rl.slipped
+            limited["log_only"] += rl.logged
             connections += server.tcp_open
         req = fam.counter("dnsdisco_dns_requests_total")
         for labels3, n in sorted(requests.items()):
@@ -377,7 +393,12 @@ class Metrics:
         for reason, n in sorted(dropped.items()):
             drop.add_metric([reason], n)
         fam.counter("dnsdisco_dns_panics_total").add_metric([], panics)
+        rate_limited = fam.counter("dnsdisco_dns_rate_limited_total")
+        for action, n in limited.items():
+            rate_limited.add_metric([action], n)
         fam.gauge("dnsdisco_dns_tcp_connections").add_metric([], connections)
+        restarts = self.worker_restarts() if self.worker_restarts is not None else 0
+        fam.counter("dnsdisco_dns_worker_restarts_total").add_metric([], restarts)
 
     def _catalog_families(self, fam: _Families) -> None:
         cat = self.catalog

@@ -1,9 +1,13 @@
 """The DNS listeners: one UDP socket and one TCP socket on the same address and port.
 
 This module owns sockets and framing, and the bounds that keep a busy or hostile network from
-costing us memory: drop UDP when the send buffer is full, cap TCP connections, close idle
-ones, stop reading from a connection whose replies are not being read. It knows nothing about
-Consul: each request goes through :func:`dnsdisco.dns.wire.parse` and then to the answer
+costing us memory: drop UDP when the send buffer is full, past capacity answer the newest UDP
+queries and shed the oldest (``SHED_DEPTH``), cap TCP connections, close idle ones (a complete
+query is activity, a trickle of bytes is not), stop reading from a connection whose replies
+are not being read. With
+``dns_config.rate_limit`` every UDP reply on its way out, whatever produced it, goes through
+:meth:`dnsdisco.dns.rrl.RateLimiter.filter` (sent, slipped or dropped); TCP never does. It
+knows nothing about Consul: each request goes through :func:`dnsdisco.dns.wire.parse` and then to the answer
 table's ``respond(query)``; names the table does not own go to ``forwarder`` (the recursor,
 plugged in later) or get REFUSED. Catalog names are answered inline, in the socket callback,
 without creating a task: the table answers from pre-rendered bytes in a few microseconds and a
@@ -24,17 +28,21 @@ import asyncio
 import bisect
 import errno
 import logging
+import os
 import random
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dnsdisco.config import Config
 from dnsdisco.dns.message import Qtype, Query, Rcode
 from dnsdisco.dns.rr import wire_name
+from dnsdisco.dns.rrl import RateLimitCounters, RateLimiter
 from dnsdisco.dns.table import Chase
 from dnsdisco.dns.wire import error_reply, parse
 from dnsdisco.metrics import DURATION_BUCKETS, SIZE_BUCKETS, SOURCES, FixedHistogram, is_named_type, type_label
@@ -49,6 +57,19 @@ _U16 = struct.Struct("!H")
 # UDP datagrams read per readiness callback: amortises the loop's wake-up over many packets
 # while keeping one callback under ~0.5 ms, so TCP and HTTP on the same loop are not starved.
 UDP_BATCH = 64
+# Overload (a full batch and more waiting): the reader drains the socket into a stack of at
+# most SHED_DEPTH datagrams, evicting the oldest, and answers it newest first, one batch per
+# loop iteration (CoreDNS's shed plugin: a bounded LIFO of 1024; anchors.md §0). Reading and
+# dropping a datagram costs ~1 µs, answering one ~12: past capacity, the answers go to queries
+# sent a few ms ago instead of to the oldest of the kernel's queue (~100 ms of it at 80 k qps),
+# and the excess is dropped and counted (``dropped_total{reason="shed"}``).
+SHED_DEPTH = 1024
+# Reads per drain: bounds one callback (~5 ms) should datagrams arrive as fast as we read them.
+SHED_DRAIN_MAX = 8192
+# Stacked datagrams older than this are dropped (counted as shed) rather than answered: LIFO
+# leaves the oldest at the bottom while the overload lasts, and by now their clients have
+# retried or given up (stub resolvers retry after 1-5 s; dnsperf and dig wait 5 s).
+SHED_MAX_AGE = 1.0
 # UDP fallback (DatagramProtocol): above this many bytes waiting in the transport's send
 # buffer, new queries are dropped instead of answered: a UDP client retries, and a queue we
 # cannot drain only adds latency and memory (aiohttp/CoreDNS "drop on overload"; anchors.md
@@ -135,6 +156,13 @@ class DnsStats:
     forwards_rejected: int = 0  # over the forwarder's in-flight bound, answered REFUSED
     recursion_refused: int = 0  # out-of-zone names from clients outside allow_recursion
     malformed: int = 0  # dropped unanswered: shorter than a header, or a response sent to us
+    udp_shed: int = 0  # UDP requests read under overload and dropped, the oldest first (SHED_DEPTH)
+    # The kernel's count of datagrams dropped because our receive buffer was full; read from
+    # /proc/net/udp at scrape time (nothing on the hot path). None where there is no such file.
+    receive_drops: Callable[[], int] | None = None
+    # UDP replies dropped / slipped / only counted by dns_config.rate_limit (dns.rrl); kept
+    # here, not in the limiter, so that a reload that rebuilds the limiter keeps the counts.
+    rate_limit: RateLimitCounters = field(default_factory=RateLimitCounters)
     tables: dict[tuple[str, str], dict[int, int]] = field(default_factory=_reply_tables)
     forwarded: dict[tuple[str, str], int] = field(default_factory=dict)  # (proto, type label) -> arrivals
     durations: dict[str, FixedHistogram] = field(default_factory=dict)  # type label -> sampled seconds
@@ -200,6 +228,9 @@ class DnsStats:
             "send_buffer_full": self.udp_dropped_overload,
             "send_error": self.udp_send_errors,
             "tcp_connection_limit": self.tcp_rejected,
+            "rate_limit": self.rate_limit.dropped,
+            "shed": self.udp_shed,
+            "receive_buffer_full": self.receive_drops() if self.receive_drops is not None else 0,
         }
 
 
@@ -267,6 +298,15 @@ class DnsServer:
         self.tcp_max_connections = int(dns.tcp_max_connections)
         self.query_log = bool(dns.query_log)
         self.recursors = tuple(config.recursors)
+        # Response rate limiting (dns.rrl): None when off, so the UDP path pays one `is None`.
+        # A reload with the same settings keeps the accounts (and so a flood's penalty).
+        rrl_key = (dns.rate_limit, config.domain, config.alt_domain)
+        if not dns.rate_limit.enabled:
+            self.rrl: RateLimiter | None = None
+        elif getattr(self, "_rrl_key", None) != rrl_key or self.rrl is None:
+            self.rrl = RateLimiter(dns.rate_limit, (config.domain, config.alt_domain),
+                                   counters=self.stats.rate_limit)
+        self._rrl_key = rrl_key
 
     def reload(self, config: Config) -> None:
         """Apply the transport bits of a new config (TCP bounds, query log, recursors).
@@ -352,6 +392,8 @@ class DnsServer:
         request for the duration histogram.
         """
         stats = self.stats
+        if not tcp and self.rrl is not None:
+            send = _rate_limited(self.rrl, client[0], send)  # UDP only: TCP is never limited
         memo = None if self.query_log else self.memo_tcp if tcp else self.memo_udp
         key = None
         if memo is not None:
@@ -572,6 +614,16 @@ class DnsServer:
         )
 
 
+def _rate_limited(rrl: RateLimiter, client_ip: str, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """*send* behind the response rate limiter: each reply is sent, slipped or dropped."""
+    def limited(reply: bytes) -> None:
+        out = rrl.filter(client_ip, reply)
+        if out is not None:
+            send(out)
+
+    return limited
+
+
 def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
@@ -615,6 +667,11 @@ class _UdpReader:
         self.counts = server.stats.udp_catalog
         self.memo = server.memo_udp
         self.reading = False
+        # Shed mode (overload): the drained datagrams, newest on the right; while it is on,
+        # ``shedding`` is True and the reader runs from call_soon instead of the selector.
+        self.stack: deque[tuple[bytes, Any]] = deque(maxlen=SHED_DEPTH)
+        self.stacked_at: deque[float] = deque(maxlen=SHED_DEPTH)  # in step with ``stack``
+        self.shedding = False
 
     def start(self) -> bool:
         """Register with the loop; False if the loop cannot watch a socket (proactor loops)."""
@@ -623,6 +680,7 @@ class _UdpReader:
         except NotImplementedError:
             return False
         self.reading = True
+        self.server.stats.receive_drops = _ReceiveDrops(self.sock)
         return True
 
     def on_readable(self) -> None:
@@ -634,13 +692,16 @@ class _UdpReader:
         stats = server.stats
         counts = self.counts
         respond = server.table.respond
-        recvfrom = self.sock.recvfrom
+        # Shed mode answers from the stack, newest first (see _shed); otherwise from the socket.
+        recvfrom = self._pop if self.shedding else self.sock.recvfrom
         sendto = self.sock.sendto
         query_log = self.query_log  # a reload changes it between batches, never during one
         # The memo (dns.memo): replies to requests seen before, by their bytes after the ID.
         # Off while queries are logged (the log needs the parsed query).
         memo = None if query_log else self.memo
         random = _random
+        # Response rate limiting (dns.rrl), None when off: one `is None` per reply.
+        rrl = server.rrl
         t0 = _clock()
         i = skipped = 0
         try:
@@ -663,6 +724,11 @@ class _UdpReader:
                             reply = data[:2] + tail
                             k = m.qtype << 24 | (tail[1] & 15) << 16 | len(reply)
                             counts[k] = counts.get(k, 0) + 1
+                            if rrl is not None:
+                                out = rrl.filter(addr[0], reply)
+                                if out is None:
+                                    continue
+                                reply = out
                             try:
                                 sendto(reply, addr)
                             except (BlockingIOError, InterruptedError):
@@ -698,6 +764,10 @@ class _UdpReader:
                             continue
                         key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
                         counts[key] = counts.get(key, 0) + 1
+                if rrl is not None:
+                    reply = rrl.filter(addr[0], reply)  # type: ignore[arg-type]
+                    if reply is None:
+                        continue  # dropped by the rate limiter (counted there)
                 try:
                     sendto(reply, addr)
                 except (BlockingIOError, InterruptedError):
@@ -712,6 +782,8 @@ class _UdpReader:
                 if query_log and query.__class__ is not bytes:
                     server.log_query(query, reply)  # type: ignore[arg-type]
             i = UDP_BATCH
+            if not self.shedding:
+                self._shed()  # a full batch: more may be waiting than we can answer
         finally:
             # Datagrams read in this batch, counted once rather than per datagram.
             stats.udp_requests += i - skipped
@@ -722,6 +794,12 @@ class _UdpReader:
         def send(reply: bytes) -> None:
             if not self.reading:
                 return
+            rrl = self.server.rrl
+            if rrl is not None:
+                out = rrl.filter(addr[0], reply)
+                if out is None:
+                    return
+                reply = out
             try:
                 self.sock.sendto(reply, addr)
             except (BlockingIOError, InterruptedError):
@@ -731,11 +809,107 @@ class _UdpReader:
 
         return send
 
+    # --- shed mode: past capacity, answer the newest queries and drop the oldest ---
+
+    def _shed(self) -> None:
+        """After a full batch: drain the socket into the stack; if that found anything, stop
+        watching the socket and answer the stack, a batch per loop iteration, until it is
+        empty (``_shed_tick``). The kernel's FIFO queue would otherwise hand us its oldest
+        datagrams first, each as old as the whole backlog."""
+        self._drain()
+        if self.stack and self.reading:
+            self.shedding = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.call_soon(self._shed_tick)
+
+    def _shed_tick(self) -> None:
+        if not self.reading:
+            return
+        self._drain()
+        self.on_readable()
+        if not self.reading:
+            return
+        if self.stack:
+            self.loop.call_soon(self._shed_tick)  # after whatever else is ready (TCP, HTTP)
+        else:
+            self.shedding = False
+            self.loop.add_reader(self.sock.fileno(), self.on_readable)
+
+    def _drain(self) -> None:
+        """Read what the socket holds (up to SHED_DRAIN_MAX) onto the stack; the datagrams that
+        push the oldest ones out are counted as requests and as shed."""
+        got: list[tuple[bytes, Any]] = []
+        append = got.append
+        recvfrom = self.sock.recvfrom
+        try:
+            for _ in range(SHED_DRAIN_MAX):
+                append(recvfrom(65535))
+        except OSError:  # EAGAIN: drained; or an ICMP error queued on the socket: next time
+            pass
+        stack = self.stack
+        stacked_at = self.stacked_at
+        now = time.monotonic()
+        old = now - SHED_MAX_AGE
+        shed = 0
+        while stacked_at and stacked_at[0] < old:
+            stack.popleft()  # the oldest first: too old to be worth an answer
+            stacked_at.popleft()
+            shed += 1
+        shed += max(0, len(stack) + len(got) - SHED_DEPTH)  # pushed out by the newer ones
+        if shed:
+            stats = self.server.stats
+            stats.udp_shed += shed
+            stats.udp_requests += shed  # the answered ones are counted by on_readable
+        stack.extend(got)
+        stacked_at.extend(repeat(now, len(got)))
+
+    def _pop(self, _size: int) -> tuple[bytes, Any]:
+        """on_readable's ``recvfrom`` in shed mode: the newest datagram on the stack."""
+        try:
+            item = self.stack.pop()
+        except IndexError:
+            raise BlockingIOError from None
+        self.stacked_at.pop()
+        return item
+
     def close(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.sock.fileno())
+            if not self.shedding:
+                self.loop.remove_reader(self.sock.fileno())
+        self.stack.clear()
+        self.stacked_at.clear()
         self.sock.close()
+
+
+class _ReceiveDrops:
+    """The kernel's drop count for one UDP socket (datagrams that found its receive buffer
+    full), read from /proc/net/udp or udp6 at scrape time: the ``drops`` column of the row
+    whose inode is the socket's. Keeps the last value seen, so that it does not fall back to 0
+    when the socket is closed (the count is exported as a counter)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.path = "/proc/net/udp6" if sock.family == socket.AF_INET6 else "/proc/net/udp"
+        try:
+            self.inode = str(os.fstat(sock.fileno()).st_ino)
+        except OSError:  # pragma: no cover
+            self.inode = ""
+        self.last = 0
+
+    def __call__(self) -> int:
+        if not self.inode:
+            return self.last
+        try:
+            with open(self.path) as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 12 and cols[9] == self.inode:
+                        self.last = max(self.last, int(cols[12]))
+                        break
+        except (OSError, ValueError):
+            pass  # not Linux, or no /proc: 0 (the other reasons still count)
+        return self.last
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -827,7 +1001,9 @@ class _TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
-        self.last_activity = self.loop.time()
+        # Only a complete query counts as activity (_process), not any byte: a slow-loris
+        # client trickling one byte a second is cut at the idle timeout like an idle one
+        # (Go's miekg/dns, under Consul, gives each whole message a read deadline).
         self.buffer += data
         self._process()
 
@@ -852,6 +1028,7 @@ class _TcpConnection(asyncio.Protocol):
             t0 = 0.0
         if pos:
             del buffer[:pos]
+            self.last_activity = self.loop.time()
 
     def send(self, reply: bytes) -> None:
         transport = self.transport

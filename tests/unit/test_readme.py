@@ -22,7 +22,7 @@ def config_table() -> dict[str, str]:
     section = readme().split("## Configuration reference", 1)[1]
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"\| `([a-z_.]+)`(?:, `[a-z_]+`)? \|[^|]*\|([^|]*)\|", line)
+        m = re.match(r"\| `([a-z0-9_.]+)`(?:, `[a-z_]+`)? \|[^|]*\|([^|]*)\|", line)
         if m:
             rows[m.group(1)] = m.group(2).strip()
     return rows
@@ -32,6 +32,7 @@ def every_key() -> set[str]:
     keys = set(configmod._TOP_KEYS) | {"service"}
     keys |= {f"ports.{k}" for k in configmod._PORT_KEYS} | {f"addresses.{k}" for k in configmod._ADDRESS_KEYS}
     keys |= {f"dns_config.{k}" for k in configmod._DNS_KEYS} | {f"dns_config.soa.{k}" for k in configmod._SOA_KEYS}
+    keys |= {f"dns_config.rate_limit.{k}" for k in configmod._RATE_LIMIT_KEYS}
     from dnsdisco.sync.upstream import _KEYS as upstream_keys
 
     keys |= {"upstream"} | {f"upstream.{k}" for k in upstream_keys}
@@ -48,7 +49,7 @@ def test_config_table_defaults_match_the_code():
     table = config_table()
     dns = configmod.DnsConfig()
     for f in fields(configmod.DnsConfig):
-        if f.name in ("soa", "service_ttl"):
+        if f.name in ("soa", "service_ttl", "rate_limit"):
             continue
         value = getattr(dns, f.name)
         doc = table[f"dns_config.{f.name}"].strip("`")
@@ -64,6 +65,18 @@ def test_config_table_defaults_match_the_code():
             assert doc == str(value), f.name
     for f in fields(configmod.SoaConfig):
         assert table[f"dns_config.soa.{f.name}"].strip("`") == str(getattr(dns.soa, f.name))
+    for f in fields(configmod.RateLimitConfig):
+        value, doc = getattr(dns.rate_limit, f.name), table[f"dns_config.rate_limit.{f.name}"].strip("`")
+        if value is None:
+            assert doc == "responses_per_second", f.name  # BIND: the other rates default to it
+        elif isinstance(value, bool):
+            assert doc == str(value).lower(), f.name
+        elif isinstance(value, float):
+            assert doc == format_duration(value), (f.name, doc)
+        elif isinstance(value, tuple):
+            assert json.loads(doc) == list(value), f.name
+        else:
+            assert doc == str(value), f.name
     from dnsdisco.sync.upstream import UpstreamConfig
 
     up = UpstreamConfig()
