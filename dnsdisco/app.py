@@ -5,6 +5,12 @@ and runs them until told to stop.
 feeds the DNS table through catalog deltas (the embedded producer of the snapshot), the health
 checker writes check results through the store, and both servers read what they need from
 their own collaborators. It raises; only ``dnsdisco.cli`` turns errors into exit codes.
+
+With ``dns_workers`` above 1 DNS is not served here: a :class:`~dnsdisco.workers.WorkerPool`
+runs that many DNS processes on the DNS port, each following this agent's catalog (or the
+upstream Consul) through the mirror; this process keeps the catalog, HTTP, health checks and
+the workers' supervision, and its own DNS table stays empty. One worker (the ``-dev`` default)
+keeps today's in-process path, the freshest one.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from dnsdisco.errors import ConfigError
 from dnsdisco.forward import Forwarder
 from dnsdisco.http.app import make_app, make_ops_app
 from dnsdisco.metrics import Metrics, SyncStatus, mirror_sync_status
-from dnsdisco.sync.mirror import Mirror
+from dnsdisco.sync.mirror import DEFAULT_MAX_STALE, Mirror
+from dnsdisco.workers import WorkerPool, loopback_source
 
 log = logging.getLogger("dnsdisco.agent")
 
@@ -68,7 +75,12 @@ class Agent:
         self.forwarder = Forwarder(config)
         # Metrics (and their registry) belong to this agent; tests inject a fresh one.
         self.metrics = metrics or Metrics(datacenter=config.datacenter, process=True)
-        self.metrics.watch_forwarder(self.forwarder)
+        # dns_workers > 1: DNS is served by worker processes (dnsdisco.workers), each with its
+        # own table and forwarder; this process keeps the catalog, HTTP and the supervision.
+        self.uses_workers = config.dns_port >= 0 and config.dns_workers > 1
+        if not self.uses_workers:
+            self.metrics.watch_forwarder(self.forwarder)
+        self.workers: WorkerPool | None = None
         self.dns: DnsServer | None = None
         self._runner: web.AppRunner | None = None
         self.http_port: int | None = None
@@ -78,7 +90,8 @@ class Agent:
         self._freeze: asyncio.Task[None] | None = None
 
     def _on_mirror_delta(self, delta: CatalogDelta) -> None:
-        self.table.apply(delta)
+        if not self.uses_workers:  # the workers render their own tables
+            self.table.apply(delta)
         self.metrics.observe_delta(delta)
 
     async def start(self) -> None:
@@ -100,14 +113,21 @@ class Agent:
                 self._freeze = asyncio.get_running_loop().create_task(self._freeze_after_sync())
             else:
                 await self._start_embedded()
-            if self.config.dns_port >= 0:
+            if self.uses_workers:
+                # Bound here, before anything serves: a port in use stops start-up at once.
+                self.workers = WorkerPool(self.config, self.config.dns_workers, metrics=self.metrics)
+                self.dns_port = self.workers.bind()
+            elif self.config.dns_port >= 0:
                 self.dns = DnsServer(self.config, self.table, forwarder=self.forwarder, metrics=self.metrics)
                 await self.dns.start()
                 self.dns_port = self.dns.port
                 # After the listener is up, so that a loop probe sent through a recursor that
                 # forwards back to us arrives and is recognised.
                 await self.forwarder.start()
-            if self.config.http_port >= 0:
+            # Embedded mode with workers: they follow this agent's API over loopback, so it
+            # runs even with the HTTP port disabled (then on a private loopback port only).
+            private_api = self.workers is not None and self.store is not None
+            if self.config.http_port >= 0 or private_api:
                 if self.store is not None and self.health is not None:
                     app = make_app(self.store, self.health, self.config, reload=self.reload,
                                    metrics=self.metrics, ready=self._ready)
@@ -119,22 +139,48 @@ class Agent:
                 self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                              handler_cancellation=True)
                 await self._runner.setup()
-                site = web.TCPSite(self._runner, self.config.http_bind, self.config.http_port)
-                await site.start()
-                server = site._server
-                assert server is not None and server.sockets
-                self.http_port = server.sockets[0].getsockname()[1]
+                if self.config.http_port >= 0:
+                    site = web.TCPSite(self._runner, self.config.http_bind, self.config.http_port)
+                    await site.start()
+                    server = site._server
+                    assert server is not None and server.sockets
+                    self.http_port = server.sockets[0].getsockname()[1]
+            if self.workers is not None:
+                await self._start_workers()
         except BaseException:
             await self.stop()
             raise
         log.info(
-            "agent started: datacenter=%s node=%s http=%s dns=%s %s",
+            "agent started: datacenter=%s node=%s http=%s dns=%s %s dns_workers=%d",
             self.config.datacenter, self.config.node_name,
             f"{self.config.http_bind}:{self.http_port}" if self.http_port is not None else "off",
             f"{self.config.dns_bind}:{self.dns_port}" if self.dns_port is not None else "off",
             f"upstream={self.config.upstream.address}" if self.config.upstream is not None
             else f"data_dir={self.config.data_dir or '(memory, -dev)'}",
+            self.config.dns_workers if self.workers is not None else 1,
         )
+
+    async def _start_workers(self) -> None:
+        """Spawn the DNS workers, following this agent's API over loopback (embedded) or the
+        upstream Consul agent (mirror mode); see dnsdisco.workers for why."""
+        assert self.workers is not None
+        if self.store is None:
+            assert self.config.upstream is not None
+            await self.workers.start(self.config.upstream, max_stale=self.config.dns_config.max_stale)
+            return
+        bind = self.config.http_bind
+        port = self.http_port
+        if port is not None and (bind.startswith("127.") or bind in ("0.0.0.0", "::", "::1")):
+            address = "::1" if bind in ("::", "::1") else "127.0.0.1" if bind == "0.0.0.0" else bind
+        else:
+            # Not reachable on loopback (or disabled): a private listener of the same API.
+            assert self._runner is not None
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            assert site._server is not None and site._server.sockets
+            address, port = "127.0.0.1", site._server.sockets[0].getsockname()[1]
+        # The embedded catalog is never stale: dns_config.max_stale is for mirror mode.
+        await self.workers.start(loopback_source(port, address), max_stale=DEFAULT_MAX_STALE)
 
     async def _start_embedded(self) -> None:
         assert self.store is not None and self.health is not None
@@ -143,11 +189,14 @@ class Agent:
         await self.store.open()
         await self.store.sync_config_services(definitions)
         # The table follows the store from here on: every committed change arrives as a
-        # delta in the same loop step, so DNS reflects a write within milliseconds.
-        self.store.add_delta_listener(self.table.apply)
+        # delta in the same loop step, so DNS reflects a write within milliseconds. (With DNS
+        # workers, each follows the store through the HTTP API into a table of its own.)
+        if not self.uses_workers:
+            self.store.add_delta_listener(self.table.apply)
         self.store.add_delta_listener(self.metrics.observe_delta)
         full = self.store.full_delta()
-        self.table.apply(full)
+        if not self.uses_workers:
+            self.table.apply(full)
         self.metrics.observe_delta(full)
         # The embedded catalog is always current: "last success" is now at every scrape.
         load_seconds = time.monotonic() - loading
@@ -164,14 +213,31 @@ class Agent:
 
     def _ready(self) -> tuple[bool, str]:
         """``/ready``: 200 only once the catalog is loaded and DNS answers from it; in mirror
-        mode, the mirror says how stale it is."""
+        mode, the mirror says how stale it is. With DNS workers, every one must have had its
+        first full sync too."""
+        ok, why = self._catalog_ready()
+        if ok and self.uses_workers:
+            if self.workers is None:
+                return False, "not ready: the DNS workers are not started"
+            ok, more = self.workers.ready()
+            why = f"{why}; {more}" if ok else more
+        return ok, why
+
+    def _catalog_ready(self) -> tuple[bool, str]:
         if self.mirror is not None:
             return self.mirror.ready()
         assert self.store is not None
         if not self.store.is_open:
             return False, "not ready: the catalog store is not open"
-        if not self.table.synced:
+        if not self.uses_workers and not self.table.synced:
             return False, "not ready: the catalog has not been loaded into the DNS table yet"
+        failing = self.store.storage_error
+        if failing is not None:
+            # Still 200, as a mirror serving a stale catalog is: DNS and reads answer from the
+            # last committed state, and taking the agent out of rotation would stop those too.
+            # Only writes fail (500), until space or permissions come back.
+            return True, (f"ready (degraded): catalog writes are failing: {failing}; reads and DNS "
+                          f"answer from index {self.store.index}")
         return True, f"ready: embedded catalog at index {self.store.index}"
 
     async def reload(self) -> None:
@@ -189,7 +255,7 @@ class Agent:
             definitions = configmod.decode_services(new)
             fixed = ("datacenter", "node_name", "data_dir", "client_addr", "bind_addr",
                      "advertise_addr", "http_addr", "dns_addr", "http_port", "dns_port", "dev",
-                     "upstream")
+                     "upstream", "dns_workers")
             changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
             if changed:
                 log.warning("reload: %s changed; these take effect only after a restart",
@@ -201,11 +267,17 @@ class Agent:
             self.forwarder.reload(new)
             if self.dns is not None:
                 self.dns.reload(new)
+            if self.workers is not None:
+                self.workers.reload(new)
             self.config = new
             log.info("configuration reloaded: %d services from config files", len(definitions))
 
     async def stop(self) -> None:
         """Stop listeners first (no new work), then checks, then close the catalog."""
+        # The DNS workers before the HTTP API they follow, so that they do not see it vanish.
+        if self.workers is not None:
+            await self.workers.stop()
+            self.workers = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -228,14 +300,23 @@ class Agent:
         """Start, then serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        await self.start()
+        # Before start(): once "agent started" is logged (or DNS workers answer), a SIGTERM must
+        # be a clean stop, not the default death that would leave nothing cleaned up.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        # A SIGHUP while starting (nothing to reload yet) must not kill the agent either.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            raise
 
         def on_hup() -> None:
             loop.create_task(self._reload_logged())
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
             await stop.wait()
             log.info("shutting down")

@@ -59,6 +59,8 @@ def _agent_parser(sub: argparse._SubParsersAction) -> None:
           help="address advertised for this node (default: the bind address)")
     _flag(p, "http-port", dest="http_port", type=int, metavar="PORT", help="HTTP API port (8500; -1 disables)")
     _flag(p, "dns-port", dest="dns_port", type=int, metavar="PORT", help="DNS port (8600; -1 disables)")
+    _flag(p, "dns-workers", dest="dns_workers", type=int, metavar="N",
+          help="DNS processes sharing the DNS port (default: the number of cores; 1 with -dev)")
     _flag(p, "domain", metavar="DOMAIN", help="the DNS domain answered (default consul.)")
     _flag(p, "alt-domain", dest="alt_domain", metavar="DOMAIN", help="a second domain answered alike")
     _flag(p, "recursor", action="append", default=[], dest="recursors", metavar="ADDR",
@@ -94,7 +96,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("data_dir", "datacenter", "node_name", "client_addr", "bind_addr",
                 "advertise_addr", "domain", "alt_domain", "enable_script_checks", "log_level",
-                "log_json"):
+                "log_json", "dns_workers"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value

@@ -157,6 +157,8 @@ class Config:
     upstream: UpstreamConfig | None = None
     log_level: str = "info"
     log_json: bool = False
+    # DNS processes sharing the DNS port (dnsdisco.workers); 1 serves DNS in the agent itself.
+    dns_workers: int = 1
 
     @property
     def http_bind(self) -> str:
@@ -362,6 +364,7 @@ _TOP_KEYS: dict[str, Parser] = {
     "translate_wan_addrs": _bool,
     "log_level": _level,
     "log_json": _bool,
+    "dns_workers": _int(1, 1024),
 }
 _PORT_KEYS: dict[str, Parser] = {"http": _port, "dns": _port, "server": _port}
 _ADDRESS_KEYS: dict[str, Parser] = {"http": _ip, "dns": _ip}
@@ -514,6 +517,9 @@ def load(
             _merge(merged, read_file(path))
     if overrides:
         _merge(merged, parse_source(dict(overrides), "command line"))
+    # -dev (one developer's machine, tests, the README's quick start) serves DNS in the agent
+    # itself: the freshest path and the quickest start. Otherwise one DNS process per core.
+    workers = 1 if dev else default_dns_workers()
     upstream = None
     if "upstream" in merged:
         env = upstream_from_env(os.environ if environ is None else environ)
@@ -521,14 +527,15 @@ def load(
         # The mirror keeps no catalog of its own, so it needs no data dir.
         dev = True
     return _build(merged, files=tuple(files), dirs=tuple(dirs), dev=dev, hostname=hostname,
-                  upstream=upstream)
+                  upstream=upstream, workers=workers)
 
 
 def _build(m: dict[str, Any], *, files: tuple[str, ...], dirs: tuple[str, ...], dev: bool,
-           hostname: Callable[[], str], upstream: UpstreamConfig | None) -> Config:
+           hostname: Callable[[], str], upstream: UpstreamConfig | None, workers: int = 1) -> Config:
     dns_raw = dict(m.get("dns_config", {}))
     soa = SoaConfig(**dns_raw.pop("soa", {}))
-    dns = DnsConfig(soa=soa, **dns_raw)
+    rate_limit = RateLimitConfig(**dns_raw.pop("rate_limit", {}))
+    dns = DnsConfig(soa=soa, rate_limit=rate_limit, **dns_raw)
     ports = m.get("ports", {})
     addresses = m.get("addresses", {})
     domain = m.get("domain", "consul.")
@@ -569,7 +576,17 @@ def _build(m: dict[str, Any], *, files: tuple[str, ...], dirs: tuple[str, ...], 
         upstream=upstream,
         log_level=m.get("log_level", "info"),
         log_json=m.get("log_json", False),
+        dns_workers=m.get("dns_workers", workers),
     )
+
+
+def default_dns_workers() -> int:
+    """``dns_workers`` when unset: the cores this process may run on (a ``taskset`` or cgroup
+    cpuset counts, as it should for a pinned benchmark), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def decode_services(config: Config) -> list[tuple[Any, list[Any]]]:

@@ -320,13 +320,22 @@ class DnsServer:
         if isinstance(self._udp, _UdpReader):
             self._udp.query_log = self.query_log
 
-    async def start(self) -> None:
-        """Bind UDP and TCP and start serving. Raises OSError if the port cannot be bound."""
+    async def start(self, socks: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Bind UDP and TCP and start serving. Raises OSError if the port cannot be bound.
+
+        *socks* are a bound, non-blocking ``(udp, tcp)`` pair made by someone else (the worker
+        pool, :mod:`dnsdisco.workers`, shares the port between processes): they are served as
+        they are, and closed by :meth:`stop`.
+        """
         if self._requested_port < 0 or self._udp is not None:
             return
         loop = asyncio.get_running_loop()
         family = _family(self.address)
         attempts = _EPHEMERAL_BIND_ATTEMPTS if self._requested_port == 0 else 1
+        if socks is not None:
+            udp_sock, tcp_sock = socks
+            port = udp_sock.getsockname()[1]
+            attempts = 0
         for attempt in range(attempts):
             udp_sock = _udp_socket(family, self.address, self._requested_port)
             port = udp_sock.getsockname()[1]

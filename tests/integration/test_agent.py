@@ -138,7 +138,8 @@ class AgentProcess:
     def __init__(self, args: list[str]) -> None:
         self.http_port = free_port()
         self.dns_port = free_port()
-        cmd = [sys.executable, "-m", "dnsdisco", "agent", "-node", "proc1",
+        # One DNS process, as with -dev (test_workers.py covers dns_workers > 1).
+        cmd = [sys.executable, "-m", "dnsdisco", "agent", "-node", "proc1", "-dns-workers", "1",
                "-http-port", str(self.http_port), "-dns-port", str(self.dns_port), *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.log: list[str] = []
@@ -300,6 +301,7 @@ async def test_mirror_mode_agent_serves_dns_from_an_upstream_catalog(tmp_path):
                                 json={"Name": "web", "ID": "web-1", "Address": "10.9.0.1", "Port": 80}) as r:
                 assert r.status == 200
             cfg = configmod.load(overrides={"node_name": "mirror1", "ports": {"http": 0, "dns": 0},
+                                            "dns_workers": 1,
                                             "upstream": {"address": base, "query_interval": "0s"}},
                                  environ={})
             assert cfg.upstream is not None and cfg.data_dir == ""
