@@ -379,7 +379,11 @@ class Watch:
     moved the index: a wait that ran out is not churn), send the query with the last index,
     and hand every reply whose index moved (or went backwards) to ``deliver(data, meta,
     reset)``; *reset* is true when the index went backwards, i.e. anything derived from earlier
-    indexes is void. Errors back off with jitter and never end the loop. The attributes
+    indexes is void. Errors back off with jitter and never end the loop. The first request after
+    an error does not block (no ``index``; a reply at the index we hold is still skipped): the
+    server that answers may be a rebuilt cluster whose index is below ours, and a Consul server
+    holds a query whose index is ahead of its own for the whole ``wait`` (minutes) before it
+    answers with the lower index that says so. The attributes
     (``index``, ``failing``, ``last_ok``, ``fresh_at``, ``last_error``, ...) are for
     staleness and ``status()``.
     """
@@ -425,21 +429,25 @@ class Watch:
 
     async def run(self, deliver: Deliver) -> None:
         charge = False
+        probe = False  # after an error: ask once without blocking (see the class docstring)
         while True:
             if charge:
                 delay = self._bucket.take()
                 if delay > 0:
                     await self._sleep(delay)
             try:
-                # A reply at the index we sent is a wait that ran out: nothing to decode.
-                resp = await self.client.get(self.path, dc=self.dc, index=self.index, wait=self.wait,
-                                             skip_index=self.index or None)
+                # A reply at the index we hold is a wait that ran out (or, probing, nothing
+                # new): nothing to decode.
+                resp = await self.client.get(self.path, dc=self.dc, index=0 if probe else self.index,
+                                             wait=self.wait, skip_index=self.index or None)
+                probe = False
                 if resp.meta.index == 0:
                     # Consul sends an index on every read that can block; none means this
                     # endpoint cannot be watched (node-consul: "Watch not supported").
                     raise UpstreamError(f"{self.path}: no X-Consul-Index header: cannot watch this endpoint")
             except UpstreamError as e:
                 charge = False
+                probe = self.index > 0
                 self._failed(str(e))
                 await self._sleep(self._backoff.next())
                 continue

@@ -251,8 +251,25 @@ async def test_watch_backs_off_on_errors_and_recovers() -> None:
     assert 0.05 <= slept[0] <= 0.1 and 0.1 <= slept[1] <= 0.2 and 0.2 <= slept[2] <= 0.4
     assert 0.05 <= slept[3] <= 0.1  # success reset the backoff
     assert delivered == [(7, False), (9, False)]
-    assert [i for i, _w in client.asked] == [0, 0, 0, 0, 7, 7, 9]  # retried with the same index
+    # After an error the next read does not block (no index): it might be a rebuilt cluster.
+    assert [i for i, _w in client.asked] == [0, 0, 0, 0, 7, 0, 9]
     assert not watch.failing and watch.errors == 4
+
+
+async def test_watch_sees_a_rebuilt_upstream_at_once_after_an_outage() -> None:
+    # Index 40, the upstream dies and comes back as a fresh cluster at index 3. Sent with
+    # ?index=40 the read would be held for the whole wait; the probe without an index gets the
+    # lower index back at once, and it is delivered as a reset.
+    err = UpstreamError("connection refused")
+    client, delivered, _slept, watch = await run_watch([40, err, err, 3, 5])
+    # (After the reset the loop starts again from 0, as next_index says.)
+    assert [i for i, _w in client.asked] == [0, 40, 0, 0, 0, 5]
+    assert delivered == [(40, False), (3, True), (5, False)]
+    assert watch.resets == 1
+    # Back at the same index after an outage: the probe's reply is nothing new, not delivered.
+    client, delivered, _slept, _w = await run_watch([40, err, 40, 41])
+    assert [i for i, _w in client.asked] == [0, 40, 0, 40, 41]
+    assert delivered == [(40, False), (41, False)]
 
 
 async def test_watch_rate_limits_churn_but_not_timeouts() -> None:
