@@ -118,6 +118,17 @@ def perm_count(n: int) -> int:
     return 1 if n <= 2 else 2 if n <= 8 else _PERMS_SMALL if n <= 256 else _PERMS_LARGE
 
 
+def base_perms(n: int, shuffle: Callable[[list[int]], None]) -> list[list[int]]:
+    """``perm_count(n)`` shuffled orders of ``range(n)``: copy-and-shuffle (CoreDNS
+    loadbalance), so the unit list itself is never reordered."""
+    perms = []
+    for _ in range(perm_count(n)):
+        perm = list(range(n))
+        shuffle(perm)
+        perms.append(perm)
+    return perms
+
+
 def spread_offsets(n: int) -> list[int]:
     """The rotation offsets that replies holding many answers start at."""
     spread = min(n, _BIG_OFFSETS)
@@ -146,12 +157,7 @@ class Shuffles:
 
     def _reset(self, n: int) -> None:
         self.n = n
-        perms = []
-        for _ in range(perm_count(n)):
-            perm = list(range(n))
-            self._shuffle(perm)
-            perms.append(perm)
-        self.perms = perms
+        self.perms = base_perms(n, self._shuffle)
         # Per permutation, the position of each slot (built on the first removal).
         self._where: list[list[int]] | None = None
         self.offsets = spread_offsets(n)
@@ -602,13 +608,7 @@ class Records(Reply):
             self.perms = [list(perm) for perm in shuffles.perms]
             self.offsets = list(shuffles.offsets)
         elif chains is None and shuffle and n > 1:
-            # Copy-and-shuffle (CoreDNS loadbalance): the unit list itself is never reordered.
-            perms = []
-            for _ in range(perm_count(n)):
-                perm = list(range(n))
-                ctx.shuffle(perm)
-                perms.append(perm)
-            self.perms = perms
+            self.perms = base_perms(n, ctx.shuffle)
             self.offsets = spread_offsets(n)
         self.blobs: Sequence[bytes] | None = None
         if blobs is not None:

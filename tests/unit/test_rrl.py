@@ -71,7 +71,7 @@ def test_a_burst_gets_rate_answers_then_drops_and_slips_every_nth():
 
 def test_credit_comes_back_at_the_rate_and_is_capped_at_one_second():
     rl, clock = limiter(responses_per_second=4, slip=0)
-    req, rep = request("web.service.consul."), reply(request("web.service.consul."))
+    rep = reply(request("web.service.consul."))
     assert run(rl, "192.0.2.7", rep, 4) == [rep] * 4
     assert rl.filter("192.0.2.7", rep) is None  # balance now -1
     clock.now += 0.5  # +2 credits: -1 -> 1
@@ -83,7 +83,7 @@ def test_credit_comes_back_at_the_rate_and_is_capped_at_one_second():
 
 def test_a_flood_is_penalised_for_about_the_window_after_it_stops():
     rl, clock = limiter(responses_per_second=2, window=10.0, slip=0)
-    req, rep = request("web.service.consul."), reply(request("web.service.consul."))
+    rep = reply(request("web.service.consul."))
     for _ in range(100):  # 10 s at 100 qps: the account sinks to its floor, -window x rate
         run(rl, "192.0.2.7", rep, 10)
         clock.now += 0.1
@@ -96,7 +96,7 @@ def test_a_flood_is_penalised_for_about_the_window_after_it_stops():
 
 def test_the_client_prefix_shares_an_account_and_other_clients_are_untouched():
     rl, _ = limiter(responses_per_second=3, slip=0)
-    req, rep = request("web.service.consul."), reply(request("web.service.consul."))
+    rep = reply(request("web.service.consul."))
     # 192.0.2.0/24 is one account, however the flood spreads its source addresses
     out = [rl.filter(f"192.0.2.{i}", rep) for i in range(1, 11)]
     assert out.count(rep) == 3
@@ -192,7 +192,7 @@ def test_slip_setting(slip, pattern):
 
 def test_exempt_clients_and_log_only():
     rl, _ = limiter(responses_per_second=1, exempt_clients=("192.0.2.128/25",), slip=0)
-    req, rep = request("web.service.consul."), reply(request("web.service.consul."))
+    rep = reply(request("web.service.consul."))
     assert run(rl, "192.0.2.200", rep, 10) == [rep] * 10
     assert run(rl, "::ffff:192.0.2.201", rep, 3) == [rep] * 3  # v4-mapped counts as v4
     assert run(rl, "192.0.2.10", rep, 3).count(None) == 3  # same /24, not exempt: limited
@@ -217,7 +217,7 @@ def test_the_table_is_bounded_and_evicts_the_least_recently_used():
 def test_counters_outlive_a_limiter():
     counters = RateLimitCounters()
     cfg = RateLimitConfig(responses_per_second=1, slip=0)
-    req, rep = request("web.service.consul."), reply(request("web.service.consul."))
+    rep = reply(request("web.service.consul."))
     for _ in range(2):
         rl = RateLimiter(cfg, counters=counters, clock=lambda: 0.0)
         run(rl, "192.0.2.7", rep, 3)
