@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,11 +246,16 @@ class PerfResult:
 
 def dnsperf(port: int, query_file: Path, *, seconds: int = 10, clients: int = 4,
             outstanding: int = 200, max_qps: float | None = None, cpu: int | None = 0,
-            edns: bool = True) -> PerfResult:
+            edns: bool = True, query_timeout: float | None = None) -> PerfResult:
+    """Run dnsperf and parse its summary. *query_timeout* is dnsperf's ``-t``: a query
+    unanswered for that long is counted lost and frees its slot (overload runs use it so that a
+    closed-loop dnsperf keeps offering more than the server answers)."""
     cmd = [need_tool("dnsperf"), "-s", LOOPBACK, "-p", str(port), "-d", str(query_file),
            "-l", str(seconds), "-c", str(clients), "-q", str(outstanding)]
     if edns:
         cmd.append("-e")
+    if query_timeout is not None:
+        cmd += ["-t", str(query_timeout)]
     if max_qps is not None:
         cmd += ["-Q", str(int(max_qps))]
     if cpu is not None:
@@ -393,3 +398,14 @@ def require_two_cpus() -> None:
     if os.cpu_count() and os.cpu_count() < 2:  # type: ignore[operator]
         raise BenchError("needs 2 CPUs: the server is pinned to CPU 1 and dnsperf to CPU 0")
 
+
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark script's entry point: exit with main()'s code; a BenchError is one line on
+    stderr and exit 1, Ctrl-C exit 130 (the scripts clean up in their own ``finally``)."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -53,7 +53,7 @@ import dns.query
 import dns.rdatatype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, Agent, add_common_args, BenchError, ForeignLoad, Processes,  # noqa: E402
+from _benchlib import (run_main, LOOPBACK, Agent, add_common_args, BenchError, ForeignLoad, Processes,  # noqa: E402
                        code_version, free_port, percentile, set_quiet_budget, sigterm_as_exit,
                        start_agent, verdict, wait_for_quiet)
 
@@ -683,10 +683,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

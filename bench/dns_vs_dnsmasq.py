@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, Agent, add_common_args, require_two_cpus, BenchError, ForeignLoad, Processes, Proc,  # noqa: E402
+from _benchlib import (run_main, LOOPBACK, Agent, add_common_args, require_two_cpus, BenchError, ForeignLoad, Processes, Proc,  # noqa: E402
                        code_version, dnsperf, free_port, median, need_tool, sigterm_as_exit,
                        set_quiet_budget, start_agent, verdict, wait_for_quiet)
 
@@ -357,10 +357,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _benchlib import (BenchError, Processes, add_common_args, code_version, free_port, median,  # noqa: E402
+from _benchlib import (run_main, BenchError, Processes, add_common_args, code_version, free_port, median,  # noqa: E402
                        percentile, sigterm_as_exit, start_agent, verdict)
 
 from tests.integration.test_faults import (DnsProbe, Ledger, check_ledger, mirror_converged,  # noqa: E402
@@ -265,10 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

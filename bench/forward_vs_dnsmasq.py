@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import (LOOPBACK, BenchError, Processes, Proc, add_common_args,  # noqa: E402
+from _benchlib import (run_main, LOOPBACK, BenchError, Processes, Proc, add_common_args,  # noqa: E402
                        code_version, free_port, require_two_cpus, median, need_tool, set_quiet_budget, sigterm_as_exit, start_agent)
 from dns_vs_dnsmasq import (CLIENT_CPU, NOISY, SERVER_CPU, Report, Server, dig_records,  # noqa: E402
                             measure)
@@ -182,10 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

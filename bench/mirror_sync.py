@@ -44,6 +44,7 @@ import dns.rdatatype
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchlib import (  # noqa: E402
+    run_main,
     LOOPBACK,
     BenchError,
     Processes,
@@ -368,4 +369,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -37,7 +37,6 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchlib import (  # noqa: E402
+    run_main,
     LOOPBACK,
     REPO,
     Agent,
@@ -319,26 +319,9 @@ def flood(agent: Agent, queries: Path, args: argparse.Namespace) -> dict:
 
 
 def flood_perf(port: int, queries: Path, args: argparse.Namespace) -> PerfResult:
-    """dnsperf as _benchlib runs it, plus ``-t``: a query unanswered for that long is counted
-    lost and frees its slot, so a closed-loop dnsperf keeps offering more than we answer."""
-    cmd = [need_tool("taskset"), "-c", str(CLIENT_CPU), need_tool("dnsperf"), "-s", LOOPBACK,
-           "-p", str(port), "-d", str(queries), "-l", str(args.seconds), "-c", str(args.clients),
-           "-q", str(args.outstanding), "-t", str(args.timeout)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + 30)
-    text = out.stdout + out.stderr
-    if out.returncode != 0:
-        raise BenchError(f"dnsperf failed ({out.returncode}): {' '.join(cmd)}\n{text}")
-
-    def grab(pattern: str) -> str:
-        m = re.search(pattern, text)
-        if not m:
-            raise BenchError(f"cannot parse dnsperf output ({pattern!r}):\n{text}")
-        return m.group(1)
-
-    return PerfResult(qps=float(grab(r"Queries per second:\s+([\d.]+)")),
-                      avg_latency_s=float(grab(r"Average Latency \(s\):\s+([\d.]+)")),
-                      sent=int(grab(r"Queries sent:\s+(\d+)")), completed=int(grab(r"Queries completed:\s+(\d+)")),
-                      lost=int(grab(r"Queries lost:\s+(\d+)")), rcodes=grab(r"Response codes:\s+(.*)"), output=text)
+    """The flood: dnsperf as _benchlib runs it, without EDNS, with ``-t`` (see there)."""
+    return dnsperf(port, queries, seconds=args.seconds, clients=args.clients, outstanding=args.outstanding,
+                   cpu=CLIENT_CPU, edns=False, query_timeout=args.timeout)
 
 
 def _round(v: float | None) -> float | None:
@@ -528,4 +511,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
