@@ -92,7 +92,7 @@ class _Tables:
     dir (working and committed); values are frozen and shared between them."""
 
     __slots__ = ("nodes", "services", "checks", "kv", "kv_keys", "by_name", "node_services",
-                 "node_checks", "service_checks")
+                 "node_checks", "service_checks", "by_status")
 
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
@@ -104,6 +104,9 @@ class _Tables:
         self.node_services: dict[str, set[str]] = {}  # node -> service IDs
         self.node_checks: dict[str, set[str]] = {}  # node -> IDs of node-level checks only
         self.service_checks: dict[SKey, set[str]] = {}  # instance -> its check IDs
+        # status -> check keys: /v1/health/state/critical costs the critical checks, not all
+        # of them (every DNS worker re-reads it on every check write, as a Consul mirror does).
+        self.by_status: dict[str, set[SKey]] = {}
 
     def copy(self) -> _Tables:
         t = _Tables()
@@ -116,6 +119,7 @@ class _Tables:
         t.node_services = {k: set(v) for k, v in self.node_services.items()}
         t.node_checks = {k: set(v) for k, v in self.node_checks.items()}
         t.service_checks = {k: set(v) for k, v in self.service_checks.items()}
+        t.by_status = {k: set(v) for k, v in self.by_status.items()}
         return t
 
     def get(self, table: str, key: Any) -> Any:
@@ -147,6 +151,7 @@ class _Tables:
         elif table == "check":
             old = self.checks.get(key)
             if old is not None:
+                _discard(self.by_status, old[0].status, key)
                 if old[0].service_id:
                     _discard(self.service_checks, (key[0], old[0].service_id), key[1])
                 else:
@@ -155,6 +160,7 @@ class _Tables:
                 self.checks.pop(key, None)
             else:
                 self.checks[key] = value
+                self.by_status.setdefault(value[0].status, set()).add(key)
                 if value[0].service_id:
                     self.service_checks.setdefault((key[0], value[0].service_id), set()).add(key[1])
                 else:
@@ -482,6 +488,13 @@ class Store:
         self._services_cache = (idx, out)
         return out
 
+    def service_tags(self, lname: str) -> dict[str, list[str]]:
+        """``/v1/catalog/services``' entries for the lower-cased name *lname*: each spelling in
+        use -> its deduplicated, sorted tags; empty when no instance has the name. Costs
+        O(instances of the name), for the services delta (``http/catalog.py``)."""
+        st = self._state
+        return summarise_services(st.services[key][0] for key in st.by_name.get(lname, ()))
+
     def agent_services(self) -> list[Service]:
         """The agent's local services (API and config registrations), by ID."""
         st = self._state
@@ -497,6 +510,11 @@ class Store:
         """Every check, in node then check ID order."""
         st = self._state
         return [st.checks[k][0] for k in sorted(st.checks)]
+
+    def checks_in_state(self, status: str) -> list[Check]:
+        """The checks whose status is *status*, in :meth:`checks`' order; costs those checks."""
+        st = self._state
+        return [st.checks[k][0] for k in sorted(st.by_status.get(status, ()))]
 
     def check(self, node: str, check_id: str) -> Check | None:
         v = self._state.checks.get((node.lower(), check_id))

@@ -27,6 +27,7 @@ from dnsdisco.http.query import (
     read_json,
     refuse_filter,
 )
+from dnsdisco.sync.consul import CHANGED_SERVICES_HEADER, SERVICES_DELTA_HEADER, WANT_CHANGES_HEADER, WANT_DELTA
 from dnsdisco.values import go_bool
 
 routes = web.RouteTableDef()
@@ -80,31 +81,36 @@ async def services(request: web.Request) -> web.Response:
     read, index = await _blocking(request, "services")
     store = request.app[STORE]
     wanted = node_meta_filter(request)
+    headers = read.headers(index)
+    want = request.headers.get(WANT_CHANGES_HEADER)
+    if want and read.index and index > read.index:
+        names = store.services_changed_since(read.index, CHANGED_SERVICES_LIMIT)
+        # ensure_ascii: a header is latin-1 on the wire, and JSON escapes any CR/LF in a name.
+        headers[CHANGED_SERVICES_HEADER] = "*" if names is None else json.dumps(names, separators=(",", ":"))
+        if want == WANT_DELTA and names is not None and not wanted:
+            # Only the named services' entries (a name absent from the body is gone): the
+            # write costs what it touched, not a list of every service per follower per write.
+            delta: dict[str, list[str]] = {}
+            for lname in names:
+                delta.update(store.service_tags(lname))
+            headers[SERVICES_DELTA_HEADER] = "1"
+            return json_response(request, delta, headers=headers)
     if wanted:
         out = summarise_services(s for s in store.services()
                                  if meta_matches(getattr(store.node(s.node), "meta", {}), wanted))
     else:
         out = store.service_names()
-    headers = read.headers(index)
-    if read.index and index > read.index and request.headers.get(WANT_CHANGES_HEADER):
-        headers[CHANGED_SERVICES_HEADER] = _changed_services(store, read.index)
     return json_response(request, out, headers=headers)
 
 
-# A dnsdisco extension, not Consul's: a blocking catalog/services read that sends
-# ``X-Dnsdisco-Want-Changes`` gets, when the index moved, the lower-cased names whose service
-# rows were written since the index it sent - a JSON list, or ``*`` when that is not known.
-# Consul has nothing like it (a mirror of Consul must find the service itself); a mirror of
-# dnsdisco (the DNS workers) reads just those services. Consul ignores the request header.
-WANT_CHANGES_HEADER = "X-Dnsdisco-Want-Changes"
-CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
+# A dnsdisco extension, not Consul's (the header names are dnsdisco.sync.consul's, the client
+# side): a blocking catalog/services read that sends ``X-Dnsdisco-Want-Changes`` gets, when the
+# index moved, the lower-cased names whose service rows were written since the index it sent -
+# a JSON list, or ``*`` when that is not known. Consul has nothing like it (a mirror of Consul
+# must find the service itself); a mirror of dnsdisco (the DNS workers) reads just those
+# services. Consul ignores the request header. With the value ``delta``, a reply that can name
+# them carries only those names' entries (``X-Dnsdisco-Services-Delta: 1``), not every service.
 CHANGED_SERVICES_LIMIT = 256
-
-
-def _changed_services(store: Store, since: int) -> str:
-    names = store.services_changed_since(since, CHANGED_SERVICES_LIMIT)
-    # ensure_ascii: a header is latin-1 on the wire, and JSON escapes any CR/LF in a name.
-    return "*" if names is None else json.dumps(names, separators=(",", ":"))
 
 
 @routes.get("/v1/catalog/service/{name:.*}")
@@ -226,7 +232,7 @@ async def health_state(request: web.Request) -> web.Response:
     if state == "any":
         chosen = store.checks()
     elif state in STATUSES:
-        chosen = [c for c in store.checks() if c.status == state]
+        chosen = store.checks_in_state(state)
     else:
         chosen = []  # Consul answers an unknown state with nothing, not an error
     chosen = _on_matching_node(store, chosen, node_meta_filter(request))

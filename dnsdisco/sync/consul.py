@@ -69,6 +69,10 @@ READ_TIMEOUT = 30.0
 # blocking ``/v1/catalog/services`` read. Consul ignores the request header and sends nothing.
 WANT_CHANGES_HEADER = "X-Dnsdisco-Want-Changes"
 CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
+# Asked for with WANT_CHANGES_HEADER: delta: a reply that names the changed services then holds
+# only their entries (a name in the hint and not in the body has no instance left), marked so.
+SERVICES_DELTA_HEADER = "X-Dnsdisco-Services-Delta"
+WANT_DELTA = "delta"  # the WANT_CHANGES_HEADER value that allows a delta body
 
 
 class UpstreamError(DnsdiscoError):
@@ -199,6 +203,8 @@ class QueryMeta:
     # A dnsdisco upstream's hint (``X-Dnsdisco-Changed-Services``, not Consul's): the lower-cased
     # names whose service rows were written since the index the request sent. None: no hint.
     changed: tuple[str, ...] | None = None
+    # With the hint, the body holds only the changed services (``X-Dnsdisco-Services-Delta``).
+    delta: bool = False
 
 
 def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
@@ -214,8 +220,10 @@ def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
     except ValueError:
         contact = 0.0
     filtered = headers.get("X-Consul-Results-Filtered-By-ACLs", "").strip().lower() == "true"
+    changed = parse_changed(headers.get(CHANGED_SERVICES_HEADER))
+    delta = changed is not None and headers.get(SERVICES_DELTA_HEADER, "").strip() == "1"
     return QueryMeta(index=index, known_leader=leader, last_contact=contact, filtered_by_acls=filtered,
-                     changed=parse_changed(headers.get(CHANGED_SERVICES_HEADER)))
+                     changed=changed, delta=delta)
 
 
 def parse_changed(raw: str | None) -> tuple[str, ...] | None:
@@ -292,7 +300,7 @@ class ConsulClient:
         if self.upstream.token:
             headers["X-Consul-Token"] = self.upstream.token
         if self.upstream.change_hints:
-            headers[WANT_CHANGES_HEADER] = "1"
+            headers[WANT_CHANGES_HEADER] = WANT_DELTA
         self._session = aiohttp.ClientSession(connector=connector, headers=headers, trace_configs=[trace])
 
     async def close(self) -> None:

@@ -106,6 +106,23 @@ def tag_sets(names: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
     return {k: frozenset(v) for k, v in out.items()}
 
 
+def merge_services_replies(old: tuple[Any, QueryMeta], new: tuple[Any, QueryMeta]) -> tuple[Any, QueryMeta]:
+    """One catalog/services reply standing for an undigested *old* one and the hinted *new* one
+    that follows it: the names written since *old*'s request are the union of both hints (no
+    hint if *old* had none), and a delta body (only the hinted names' entries) is laid over the
+    body before it, so that the result is a full list if *old* was one."""
+    (old_data, old_meta), (data, meta) = old, new
+    assert meta.changed is not None
+    before = old_meta.changed
+    changed = None if before is None else tuple({*before, *meta.changed})
+    if meta.delta and isinstance(old_data, dict) and isinstance(data, dict):
+        hinted = set(meta.changed)
+        data = {**{k: v for k, v in old_data.items() if k.lower() not in hinted}, **data}
+        # Laid over a full list it is a full list; over a delta, a delta.
+        return data, replace(meta, changed=changed, delta=old_meta.delta)
+    return data, replace(meta, changed=changed)
+
+
 def with_check(entry: ServiceEntry, check_id: str, check: Check | None) -> ServiceEntry:
     """*entry* with check *check_id* replaced by *check* (removed when None). A changed check
     keeps its place; a new one goes where Consul lists it (check IDs in order)."""
@@ -212,6 +229,7 @@ class _Datacenter:
         self.fetches = 0
         self.any_reads = 0
         self.hinted = 0
+        self.services_deltas = 0  # of which the upstream sent only the changed services
         self.node_reads = 0
         self.deltas = 0
         self.first_sync_seconds: float | None = None
@@ -240,8 +258,7 @@ class _Datacenter:
             # reply carries the union of both (no hint if either has none).
             old = self._pending.get(key)
             if old is not None and not reset and meta.changed is not None:
-                before = old[1].changed
-                meta = replace(meta, changed=None if before is None else tuple({*before, *meta.changed}))
+                data, meta = merge_services_replies(old, (data, meta))
             self._pending[key] = (data, meta)
             self._wake.set()
 
@@ -396,9 +413,10 @@ class _Datacenter:
         pending = dict(self._pending)
         client = self.mirror.client
         for key, path in WATCHED.items():
-            if key not in pending:
+            if key not in pending or pending[key][1].delta:
                 # After a reset, a watch that has not seen it yet still holds the old cluster's
-                # view: read the list afresh instead of waiting for its next wake.
+                # view: read the list afresh instead of waiting for its next wake. (So is a
+                # services delta: it holds only the names written since the reply before it.)
                 resp = await client.get(path, dc=self.query_dc)
                 pending[key] = (resp.data, resp.meta)
         names = parse_services(pending["services"][0])
@@ -658,13 +676,33 @@ class _Datacenter:
         """A services move: drop what is gone, read what the move is known to touch, and sweep
         if nothing seen explains it. Returns the names read."""
         names = parse_services(body)
-        new_tags = tag_sets(names)
         for n in names:
             self.url_names.setdefault(n.lower(), n)
-        added = [k for k in new_tags if k not in self.tags]
-        removed = [k for k in self.tags if k not in new_tags]
-        retagged = [k for k in new_tags if k in self.tags and new_tags[k] != self.tags[k]]
-        self.tags = new_tags
+        if meta.delta and meta.changed is not None:
+            # Only the hinted names' entries (dnsdisco's services delta): a hinted name absent
+            # from the body has no instance left. O(change), not O(services).
+            given = tag_sets(names)
+            added, removed, retagged = [], [], []
+            for k in dict.fromkeys(meta.changed):
+                now, was = given.get(k), self.tags.get(k)
+                if now is None:
+                    if was is not None:
+                        removed.append(k)
+                elif was is None:
+                    added.append(k)
+                elif now != was:
+                    retagged.append(k)
+            for k in removed:
+                del self.tags[k]
+            self.tags.update((k, given[k]) for k in (*added, *retagged))
+            new_tags = self.tags
+            self.services_deltas += 1
+        else:
+            new_tags = tag_sets(names)
+            added = [k for k in new_tags if k not in self.tags]
+            removed = [k for k in self.tags if k not in new_tags]
+            retagged = [k for k in new_tags if k in self.tags and new_tags[k] != self.tags[k]]
+            self.tags = new_tags
         for k in removed:
             self._set_entries(k, ())
             self.svc_index.pop(k, None)
@@ -875,6 +913,7 @@ class _Datacenter:
             "node_reads": self.node_reads,
             "all_checks_reads": self.any_reads,
             "hinted_services_moves": self.hinted,
+            "services_deltas": self.services_deltas,
             "deltas": self.deltas,
             "last_error": self.last_error,
             "watches": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import shutil
 import sqlite3
@@ -595,3 +596,34 @@ async def test_durable_agent_answers_after_commit(http_agent_disk):
         assert db.execute("SELECT id FROM services WHERE id='web-1'").fetchone() == ("web-1",)
     finally:
         db.close()
+
+
+async def test_services_delta_names_only_what_changed(http_agent):
+    """dnsdisco's extension for its own mirrors: with ``X-Dnsdisco-Want-Changes: delta`` a
+    blocking catalog/services read gets only the services written since the index it sent (a
+    hinted name missing from the body is gone); otherwise, and with a filter, the full list."""
+    async def reg(sid: str, name: str, tags: list[str]) -> None:
+        r = await http_agent.put("/v1/catalog/register", {
+            "Node": "ext1", "Address": "10.1.0.1", "NodeMeta": {"rack": "r1"},
+            "Service": {"Service": name, "ID": sid, "Port": 80, "Tags": tags}})
+        assert r.status == 200
+
+    await reg("a1", "alpha", ["x"])
+    await reg("b1", "Beta", ["y"])
+    since = (await http_agent.get("/v1/catalog/services")).index
+    await reg("b2", "beta", ["z"])  # another spelling of the same DNS name
+    r = await http_agent.put("/v1/catalog/deregister", {"Node": "ext1", "ServiceID": "a1"})
+    assert r.status == 200
+    want = {"X-Dnsdisco-Want-Changes": "delta"}
+    r = await http_agent.get(f"/v1/catalog/services?index={since}&wait=1s", headers=want)
+    assert r.index > since
+    assert json.loads(r.headers["X-Dnsdisco-Changed-Services"]) == ["alpha", "beta"]
+    assert r.headers["X-Dnsdisco-Services-Delta"] == "1"
+    assert r.json() == {"Beta": ["y"], "beta": ["z"]}  # alpha: hinted, absent, so gone
+    # Hints only ("1"), a node-meta filter, or no index: the full list, no delta header.
+    for query, headers in ((f"?index={since}&wait=1s", {"X-Dnsdisco-Want-Changes": "1"}),
+                           (f"?index={since}&wait=1s&node-meta=rack:r1", want), ("", want)):
+        r = await http_agent.get("/v1/catalog/services" + query, headers=headers)
+        assert "X-Dnsdisco-Services-Delta" not in r.headers, query
+        assert r.json()["Beta"] == ["y"] and "alpha" not in r.json(), query
+        assert ("consul" in r.json()) == ("node-meta" not in query), query

@@ -458,3 +458,33 @@ async def test_unusable_data_dir_fails_open_with_storage_error(tmp_path):
         await s.open()
     assert str(blocker) in str(e.value)
     assert not s.is_open
+
+
+async def test_checks_in_state_follow_every_status_change():
+    """The per-status index behind /v1/health/state/<state> agrees with a scan of every check
+    through registrations, status changes and deregistrations."""
+    from dnsdisco.catalog.definition import RegisterRequest
+    from dnsdisco.catalog.model import Node
+
+    s = make_store()
+    await s.open()
+
+    def scan(status: str) -> list:
+        return [c for c in s.checks() if c.status == status]
+
+    for i in range(6):
+        await s.catalog_register(RegisterRequest(
+            datacenter="dc1", node=Node(name=f"n{i % 2}", address=f"10.0.0.{i % 2 + 1}", datacenter="dc1"),
+            service=Service(node=f"n{i % 2}", id=f"s{i}", name="web", port=80),
+            checks=(Check(node=f"n{i % 2}", check_id=f"c{i}", name="alive",
+                          status=("passing", "warning", "critical")[i % 3], service_id=f"s{i}"),)))
+    for status in ("passing", "warning", "critical", "maintenance"):
+        assert s.checks_in_state(status) == scan(status), status
+    await s.catalog_register(RegisterRequest(  # c0: passing -> critical
+        datacenter="dc1", node=Node(name="n0", address="10.0.0.1", datacenter="dc1"), skip_node_update=True,
+        checks=(Check(node="n0", check_id="c0", name="alive", status="critical", service_id="s0"),)))
+    await s.catalog_deregister("n1", "s1")  # takes c1 (warning) with it
+    for status in ("passing", "warning", "critical"):
+        assert s.checks_in_state(status) == scan(status), status
+    assert [c.check_id for c in s.checks_in_state("critical")] == ["c0", "c2", "c5"]
+    await s.close()

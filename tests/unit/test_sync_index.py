@@ -331,3 +331,38 @@ async def test_store_names_the_services_written_since_an_index() -> None:
         assert store.services_changed_since(before, 10) == ["db"]
     finally:
         await store.close()
+
+
+# -- undigested services replies folded into one (dnsdisco's hints and deltas) ---------------------
+
+
+def test_merge_services_replies() -> None:
+    from dnsdisco.sync.mirror import merge_services_replies
+
+    full = ({"web": ["a"], "db": [], "old": []}, QueryMeta(index=5))
+    delta = ({"Web": ["b"]}, QueryMeta(index=7, changed=("web", "old"), delta=True))
+    # A delta over a full list: the hinted names are replaced (old is gone), the rest kept; the
+    # union of hints is unknown because the full list came without one.
+    data, meta = merge_services_replies(full, delta)
+    assert data == {"db": [], "Web": ["b"]} and meta.index == 7 and not meta.delta and meta.changed is None
+    hinted_full = (full[0], QueryMeta(index=5, changed=("db",)))
+    data, meta = merge_services_replies(hinted_full, delta)
+    assert not meta.delta and set(meta.changed or ()) == {"db", "web", "old"}
+    # A delta over a delta is a delta over the union of both hints, the newer entries winning.
+    first = ({"web": ["a"], "db": ["x"]}, QueryMeta(index=6, changed=("web", "db"), delta=True))
+    data, meta = merge_services_replies(first, delta)
+    assert data == {"db": ["x"], "Web": ["b"]} and meta.delta
+    assert set(meta.changed or ()) == {"web", "db", "old"}
+    # A full list replacing a delta is the full list, with the union of the hints.
+    later_full = ({"api": []}, QueryMeta(index=8, changed=("api",)))
+    data, meta = merge_services_replies(first, later_full)
+    assert data == {"api": []} and not meta.delta and set(meta.changed or ()) == {"web", "db", "api"}
+
+
+def test_parse_meta_reads_the_delta_marker_only_with_a_hint() -> None:
+    assert parse_meta({"X-Consul-Index": "3", "X-Dnsdisco-Changed-Services": '["web"]',
+                       "X-Dnsdisco-Services-Delta": "1"}).delta
+    # Without a usable hint a body cannot be a delta: read as the full list it then is.
+    assert not parse_meta({"X-Consul-Index": "3", "X-Dnsdisco-Changed-Services": "*",
+                           "X-Dnsdisco-Services-Delta": "1"}).delta
+    assert not parse_meta({"X-Consul-Index": "3", "X-Dnsdisco-Changed-Services": '["web"]'}).delta
