@@ -284,6 +284,9 @@ class Store:
         # lower service name -> index of the last write to one of its service rows, oldest
         # first (a name is moved to the end when written): what services_changed_since reads.
         self._service_writes: dict[str, int] = {}
+        # The same for check rows: lower service name -> index of the last write to a check that
+        # bears on it (its own, or its node's), for the hint on /v1/health/state/<status>.
+        self._check_writes: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._tombstones: dict[str, int] = {}
         self._kv_floor = 1
@@ -644,11 +647,19 @@ class Store:
         (newest first), for the mirror's change hint (``X-Dnsdisco-Changed-Services``); None
         when that cannot be told (*since* predates this process's history) or more than
         *limit* changed. Costs O(names returned)."""
+        return self._written_since(self._service_writes, since, limit)
+
+    def checks_changed_since(self, since: int, limit: int) -> list[str] | None:
+        """As :meth:`services_changed_since`, for the services with a check written after
+        *since* that bears on them (their own checks, or their node's)."""
+        return self._written_since(self._check_writes, since, limit)
+
+    def _written_since(self, writes: dict[str, int], since: int, limit: int) -> list[str] | None:
         if since < self._floor:
             return None
         out: list[str] = []
-        for name in reversed(self._service_writes):
-            if self._service_writes[name] <= since:
+        for name in reversed(writes):
+            if writes[name] <= since:
                 break
             if len(out) >= limit:
                 return None
@@ -757,6 +768,7 @@ class Store:
         kv_keys: list[str] = []
 
         nodes_done: set[str] = set()
+        checked: set[str] = set()  # lower-cased service names a check write bears on
 
         def on_node(nl: str) -> None:
             # A node (or node-check) change bears on every instance on the node: Consul's
@@ -807,14 +819,20 @@ class Store:
                         owner = st.services.get(key)
                         ln = (owner[0].name if owner else chk.service_name).lower()
                         names.add(ln)
+                        checked.add(ln)
                         topics.add(f"health:{ln}")
                     else:
                         on_node(nl)
+                        checked.update(st.services[(nl, sid)][0].name.lower()
+                                       for sid in st.node_services.get(nl, ()))
             else:
                 kv_keys.append(c.key)
                 if c.after is None:
                     self._tombstone(c.key, index)
 
+        for ln in checked:
+            self._check_writes.pop(ln, None)
+            self._check_writes[ln] = index
         for key in stale:
             self._entries.pop(key, None)
         for key in stale:

@@ -85,8 +85,7 @@ async def services(request: web.Request) -> web.Response:
     want = request.headers.get(WANT_CHANGES_HEADER)
     if want and read.index and index > read.index:
         names = store.services_changed_since(read.index, CHANGED_SERVICES_LIMIT)
-        # ensure_ascii: a header is latin-1 on the wire, and JSON escapes any CR/LF in a name.
-        headers[CHANGED_SERVICES_HEADER] = "*" if names is None else json.dumps(names, separators=(",", ":"))
+        headers[CHANGED_SERVICES_HEADER] = _names_header(names)
         if want == WANT_DELTA and names is not None and not wanted:
             # Only the named services' entries (a name absent from the body is gone): the
             # write costs what it touched, not a list of every service per follower per write.
@@ -110,7 +109,13 @@ async def services(request: web.Request) -> web.Response:
 # must find the service itself); a mirror of dnsdisco (the DNS workers) reads just those
 # services. Consul ignores the request header. With the value ``delta``, a reply that can name
 # them carries only those names' entries (``X-Dnsdisco-Services-Delta: 1``), not every service.
+# /v1/health/state/<status> carries the same header for check writes (see health_state).
 CHANGED_SERVICES_LIMIT = 256
+
+
+def _names_header(names: list[str] | None) -> str:
+    # ensure_ascii: a header is latin-1 on the wire, and JSON escapes any CR/LF in a name.
+    return "*" if names is None else json.dumps(names, separators=(",", ":"))
 
 
 @routes.get("/v1/catalog/service/{name:.*}")
@@ -229,6 +234,12 @@ async def health_state(request: web.Request) -> web.Response:
     state = _path_name(request, "state", "Missing check state")
     read, index = await _blocking(request, "checks")
     store = request.app[STORE]
+    headers = read.headers(index)
+    if request.headers.get(WANT_CHANGES_HEADER) and read.index and index > read.index:
+        # The change hint of catalog/services, for checks: the services a check write since the
+        # request's index bears on, so that a mirror reads those instead of every check.
+        names = store.checks_changed_since(read.index, CHANGED_SERVICES_LIMIT)
+        headers[CHANGED_SERVICES_HEADER] = _names_header(names)
     if state == "any":
         chosen = store.checks()
     elif state in STATUSES:
@@ -236,7 +247,7 @@ async def health_state(request: web.Request) -> web.Response:
     else:
         chosen = []  # Consul answers an unknown state with nothing, not an error
     chosen = _on_matching_node(store, chosen, node_meta_filter(request))
-    return json_response(request, [shapes.check(c) for c in chosen], headers=read.headers(index))
+    return json_response(request, [shapes.check(c) for c in chosen], headers=headers)
 
 
 @routes.get("/v1/health/node/{node:.*}")

@@ -230,6 +230,7 @@ class _Datacenter:
         self.any_reads = 0
         self.hinted = 0
         self.services_deltas = 0  # of which the upstream sent only the changed services
+        self.checks_hinted = 0  # check-list moves whose services a dnsdisco upstream named
         self.node_reads = 0
         self.deltas = 0
         self.first_sync_seconds: float | None = None
@@ -551,10 +552,15 @@ class _Datacenter:
         before = {**self._np_rows["warning"], **self._np_rows["critical"]}
         index = self._checks_index
         touched = False
+        # A dnsdisco upstream names the services the check writes bear on (both lists carry
+        # the same hint): None when a reply came without one.
+        hinted: set[str] | None = set()
         for key, item in (("critical", crit), ("warning", warn)):
             if item is None:
                 continue
             body, meta = item
+            if hinted is not None:
+                hinted = None if meta.changed is None else hinted | set(meta.changed)
             index = max(index, meta.index)
             self._np_rows[key] = self._list_rows(body, key)
             for row in body:
@@ -572,7 +578,12 @@ class _Datacenter:
         self.index = max(self.index, index)
         if left:
             await self._read_nodes(left)
-        elif moved and not touched:
+        if moved and hinted is not None:
+            # Read the named services (a passing check's write included) instead of every
+            # check later: O(change). Those not known yet are read as new ones.
+            self.checks_hinted += 1
+            self._unknown.update((k, self._url_name(k)) for k in hinted)
+        elif moved and not touched and not left:
             self._checks_behind = True  # handled at the end of the round
 
     def _apply_check(self, check: Check) -> None:
@@ -914,6 +925,7 @@ class _Datacenter:
             "all_checks_reads": self.any_reads,
             "hinted_services_moves": self.hinted,
             "services_deltas": self.services_deltas,
+            "hinted_checks_moves": self.checks_hinted,
             "deltas": self.deltas,
             "last_error": self.last_error,
             "watches": {

@@ -627,3 +627,19 @@ async def test_services_delta_names_only_what_changed(http_agent):
         assert "X-Dnsdisco-Services-Delta" not in r.headers, query
         assert r.json()["Beta"] == ["y"] and "alpha" not in r.json(), query
         assert ("consul" in r.json()) == ("node-meta" not in query), query
+
+
+async def test_health_state_hint_names_the_services_of_check_writes(http_agent):
+    """With X-Dnsdisco-Want-Changes, a blocking health/state read that returns after a check
+    write names the services it bore on; without the header (Consul's API), no such header."""
+    await register(http_agent, {"Name": "web", "ID": "web-1", "Port": 80,
+                                "Check": {"CheckID": "web-ttl", "TTL": "1h", "Status": "passing"}})
+    since = (await http_agent.get("/v1/health/state/critical")).index
+    r = await http_agent.put("/v1/agent/check/pass/web-ttl?note=still-fine")  # passing -> passing
+    assert r.status == 200
+    want = {"X-Dnsdisco-Want-Changes": "delta"}
+    r = await http_agent.get(f"/v1/health/state/critical?index={since}&wait=1s", headers=want)
+    assert r.index > since and r.json() == []
+    assert json.loads(r.headers["X-Dnsdisco-Changed-Services"]) == ["web"]
+    r = await http_agent.get(f"/v1/health/state/critical?index={since}&wait=1s")
+    assert "X-Dnsdisco-Changed-Services" not in r.headers

@@ -301,10 +301,11 @@ async def register_varied(up: Upstream, part: int) -> None:
         await up.put("/v1/catalog/register", {"Node": "bare-node", "Address": "10.3.0.50"})  # no services
 
 
-async def test_same_delta_as_embedded_store() -> None:
+@pytest.mark.parametrize("hints", [True, False], ids=["dnsdisco-hints", "consul-rules"])
+async def test_same_delta_as_embedded_store(hints: bool) -> None:
     async with upstream() as up:
         await register_varied(up, 0)
-        async with Follower(up.base) as f:
+        async with Follower(up.base, change_hints=hints) as f:
             assert await f.mirror.wait_synced(5)
             # The first load: a full delta equal to the store's own.
             assert f.deltas[0].full
@@ -336,7 +337,11 @@ async def test_same_delta_as_embedded_store() -> None:
             await until(lambda: f.answer("queue.service.consul")[1] == {"10.3.0.91"}, what="q-1 to go")
             await same_as_upstream(f, up)
             status = f.mirror.status()["datacenters"]["dc1"]
-            assert status["all_checks_reads"] >= 1 and status["node_reads"] >= 1
+            if hints:
+                # The upstream named the services each check write bore on: no read of every check.
+                assert status["hinted_checks_moves"] >= 1 and status["all_checks_reads"] == 0
+            else:
+                assert status["all_checks_reads"] >= 1 and status["node_reads"] >= 1
             # And the DNS answers agree with a table fed straight from the store.
             direct = AnswerTable(Config(datacenter="dc1", node_name="mirror"))
             direct.apply(up.store.full_delta())

@@ -366,3 +366,33 @@ def test_parse_meta_reads_the_delta_marker_only_with_a_hint() -> None:
     assert not parse_meta({"X-Consul-Index": "3", "X-Dnsdisco-Changed-Services": "*",
                            "X-Dnsdisco-Services-Delta": "1"}).delta
     assert not parse_meta({"X-Consul-Index": "3", "X-Dnsdisco-Changed-Services": '["web"]'}).delta
+
+
+async def test_store_names_the_services_check_writes_bore_on() -> None:
+    """The hint on /v1/health/state/<status>: a service check names its service, a node check
+    every service on the node, a service write alone none."""
+    from dnsdisco.catalog.definition import RegisterRequest
+    from dnsdisco.catalog.model import Check, Node, Service
+    from dnsdisco.catalog.store import Store
+
+    store = Store(datacenter="dc1", node_name="agent", node_address="127.0.0.1", data_dir=None)
+    await store.open()
+    try:
+        n1 = Node(name="n1", address="10.0.0.1", datacenter="dc1")
+        n2 = Node(name="n2", address="10.0.0.2", datacenter="dc1")
+        for node, sid, name in ((n1, "w1", "Web"), (n1, "d1", "db"), (n2, "a1", "api")):
+            await store.catalog_register(RegisterRequest(
+                datacenter="dc1", node=node, service=Service(node=node.name, id=sid, name=name, port=1)))
+        start = store.index
+        assert store.checks_changed_since(start, 10) == []
+        await store.catalog_register(RegisterRequest(datacenter="dc1", node=n2, skip_node_update=True, checks=(
+            Check(node="n2", check_id="a-c", name="a", status="passing", service_id="a1"),)))
+        assert store.checks_changed_since(start, 10) == ["api"]
+        mid = store.index
+        await store.catalog_register(RegisterRequest(datacenter="dc1", node=n1, skip_node_update=True, checks=(
+            Check(node="n1", check_id="serf", name="serf", status="passing"),)))  # a node check
+        assert sorted(store.checks_changed_since(mid, 10) or ()) == ["db", "web"]
+        assert store.checks_changed_since(start, 2) is None  # three names: over the limit
+        assert store.services_changed_since(mid, 10) == []  # no service row was written
+    finally:
+        await store.close()
