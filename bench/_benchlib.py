@@ -199,7 +199,8 @@ class Agent:
         return f"http://{LOOPBACK}:{self.http_port}"
 
 
-def agent_command(args: Sequence[str], *, cpu: int | None = None, uvloop: bool = True) -> list[str]:
+def agent_command(args: Sequence[str], *, cpu: int | str | None = None, uvloop: bool = True) -> list[str]:
+    """The agent's command line; *cpu* (a CPU number or a taskset list such as ``"0-1"``) pins it."""
     cmd = [sys.executable]
     cmd += ["-m", "dnsdisco"] if uvloop else ["-c", _NO_UVLOOP]
     cmd += ["agent", *args]
@@ -209,7 +210,7 @@ def agent_command(args: Sequence[str], *, cpu: int | None = None, uvloop: bool =
 
 
 def start_agent(procs: Processes, name: str, args: Sequence[str], log_path: Path, *,
-                cpu: int | None = None, uvloop: bool = True, timeout: float = 60.0) -> Agent:
+                cpu: int | str | None = None, uvloop: bool = True, timeout: float = 60.0) -> Agent:
     """Start ``python -m dnsdisco agent ARGS`` and wait for its "agent started" log line."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

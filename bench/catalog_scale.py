@@ -439,14 +439,15 @@ def write_config_dir(path: Path, services: int, instances: int) -> None:
 
 
 def time_to_dns(procs: Processes, label: str, args: list[str], dns_port: int, last: str,
-                instances: int, workdir: Path, timeout: float, quiet_wait: float) -> tuple[Agent, dict]:
+                instances: int, workdir: Path, timeout: float, quiet_wait: float,
+                cpu: int | str = AGENT_CPU) -> tuple[Agent, dict]:
     """Start an agent and time: 'agent started' logged, and LAST answering with all instances.
 
     The clock starts just before the process is spawned (interpreter start-up included)."""
     wait_for_quiet(procs, max_wait=quiet_wait)
     foreign = ForeignLoad(procs)
     t0 = time.perf_counter()
-    agent = start_agent(procs, label, args, workdir / f"{label}.log", cpu=AGENT_CPU, timeout=timeout)
+    agent = start_agent(procs, label, args, workdir / f"{label}.log", cpu=cpu, timeout=timeout)
     t_vis = poll_until_answered(dns_port, last, instances, t0 + timeout)
     if t_vis is None:
         raise BenchError(f"{label}: {last} not answered with {instances} records within {timeout:.0f} s"
@@ -472,6 +473,7 @@ class Params:
     big_warmup: int
     start_timeout: float
     quiet_wait: float
+    cold_workers: int = 1
 
 
 async def run_mode(procs: Processes, mode: str, p: Params, workdir: Path, results: dict,
@@ -528,12 +530,18 @@ def run_cold(procs: Processes, p: Params, workdir: Path, results: dict) -> None:
     dns_port = free_port()
     args = ["-dev", "-config-dir", str(conf), "-node", NODE, "-http-port", str(free_port()),
             "-dns-port", str(dns_port)]
+    # With DNS workers (--cold-workers) the agent may use every core (the workers need them; this
+    # process is pinned to CLIENT_CPU, and an agent started without taskset would inherit that).
+    cpu: int | str = AGENT_CPU
+    if p.cold_workers > 1:
+        args += ["-dns-workers", str(p.cold_workers)]
+        cpu = f"0-{(os.cpu_count() or 1) - 1}"
     print("[cold] start from config dir ...", flush=True)
     last = f"{svc_name(p.services - 1)}.service.consul"
     agent, r = time_to_dns(procs, "agent-cold", args, dns_port, last, p.instances, workdir,
-                           p.start_timeout, p.quiet_wait)
+                           p.start_timeout, p.quiet_wait, cpu=cpu)
     r["rss_mb"] = rss(agent)["rss_mb"]
-    r["command"] = f"taskset -c {AGENT_CPU} python -m dnsdisco agent {' '.join(args)}"
+    r["command"] = f"taskset -c {cpu} python -m dnsdisco agent {' '.join(args)}"
     results["cold"] = r
     print(f"[cold] {json.dumps(r)}", flush=True)
     procs.stop(agent.proc)
@@ -637,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-queries", type=int, default=100)
     ap.add_argument("--big-warmup", type=int, default=100, help="TCP queries before measuring")
     ap.add_argument("--modes", default="dev,durable", help="agents to run: dev, durable or both")
+    ap.add_argument("--cold-workers", type=int, default=1,
+                    help="dns_workers of the cold-start agent (above 1: unpinned, as the workers need the cores)")
     ap.add_argument("--only", default=",".join(ALL), help=f"scenarios to run (of {','.join(ALL)})")
     ap.add_argument("--start-timeout", type=float, default=120.0,
                     help="seconds an agent may take to start or to answer its whole catalog")
@@ -650,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenarios: {scenarios - set(ALL)}")
     p = Params(args.services, args.instances, args.nodes, args.concurrency, args.writes,
                args.watch_trials, args.dns_trials, args.big, args.big_queries, args.big_warmup,
-               args.start_timeout, args.quiet_wait)
+               args.start_timeout, args.quiet_wait, args.cold_workers)
 
     sigterm_as_exit()
     set_quiet_budget(args.quiet_budget)
