@@ -27,7 +27,12 @@ from dnsdisco.http.query import (
     read_json,
     refuse_filter,
 )
-from dnsdisco.sync.consul import CHANGED_SERVICES_HEADER, SERVICES_DELTA_HEADER, WANT_CHANGES_HEADER, WANT_DELTA
+from dnsdisco.sync.consul import (
+    CHANGED_SERVICES_HEADER,
+    SERVICES_DELTA_HEADER,
+    WANT_CHANGES_HEADER,
+    WANT_DELTA,
+)
 from dnsdisco.values import go_bool
 
 routes = web.RouteTableDef()

@@ -66,7 +66,8 @@ TIMEOUT_MARGIN = 10.0
 READ_TIMEOUT = 30.0
 # A dnsdisco extension (``dnsdisco/http/catalog.py``): asked for with the request header, a
 # dnsdisco upstream names the services written since the index sent in the reply header of a
-# blocking ``/v1/catalog/services`` read. Consul ignores the request header and sends nothing.
+# blocking ``/v1/catalog/services`` read (and, on ``/v1/health/state/<status>``, the services
+# whose checks were written). Consul ignores the request header and sends nothing.
 WANT_CHANGES_HEADER = "X-Dnsdisco-Want-Changes"
 CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
 # Asked for with WANT_CHANGES_HEADER: delta: a reply that names the changed services then holds

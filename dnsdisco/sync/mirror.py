@@ -107,10 +107,10 @@ def tag_sets(names: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
 
 
 def merge_services_replies(old: tuple[Any, QueryMeta], new: tuple[Any, QueryMeta]) -> tuple[Any, QueryMeta]:
-    """One catalog/services reply standing for an undigested *old* one and the hinted *new* one
-    that follows it: the names written since *old*'s request are the union of both hints (no
-    hint if *old* had none), and a delta body (only the hinted names' entries) is laid over the
-    body before it, so that the result is a full list if *old* was one."""
+    """One reply standing for a watch's undigested *old* reply and the hinted *new* one that
+    follows it: the names written since *old*'s request are the union of both hints (no hint
+    if *old* had none); for catalog/services, a delta body (only the hinted names' entries) is
+    laid over the body before it, so that the result is a full list if *old* was one."""
     (old_data, old_meta), (data, meta) = old, new
     assert meta.changed is not None
     before = old_meta.changed
