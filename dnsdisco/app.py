@@ -18,9 +18,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -88,6 +92,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._freeze: asyncio.Task[None] | None = None
+        self._private_dir: str | None = None  # the workers' private API socket lives here
 
     def _on_mirror_delta(self, delta: CatalogDelta) -> None:
         if not self.uses_workers:  # the workers render their own tables
@@ -172,15 +177,20 @@ class Agent:
         port = self.http_port
         if port is not None and (bind.startswith("127.") or bind in ("0.0.0.0", "::", "::1")):
             address = "::1" if bind in ("::", "::1") else "127.0.0.1" if bind == "0.0.0.0" else bind
+            source = loopback_source(port, address)
         else:
-            # Not reachable on loopback (or disabled): a private listener of the same API.
+            # Not reachable on loopback (or disabled): a private listener of the same API, on a
+            # Unix socket in a directory only this user can enter. Not a loopback TCP port: the
+            # operator turned the API off (or away from this host), and a port would hand the
+            # whole read-write API to every local user.
             assert self._runner is not None
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            self._private_dir = tempfile.mkdtemp(prefix="dnsdisco-api-")  # mode 0700
+            path = os.path.join(self._private_dir, "api.sock")
+            site = web.UnixSite(self._runner, path)
             await site.start()
-            assert site._server is not None and site._server.sockets
-            address, port = "127.0.0.1", site._server.sockets[0].getsockname()[1]
+            source = replace(loopback_source(0), address=f"unix://{path}")
         # The embedded catalog is never stale: dns_config.max_stale is for mirror mode.
-        await self.workers.start(loopback_source(port, address), max_stale=DEFAULT_MAX_STALE)
+        await self.workers.start(source, max_stale=DEFAULT_MAX_STALE)
 
     async def _start_embedded(self) -> None:
         assert self.store is not None and self.health is not None
@@ -281,6 +291,9 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
         if self.dns is not None:
             await self.dns.stop()
             self.dns = None

@@ -24,7 +24,7 @@ Choices, and why:
   answered late rather than lost, and no client is re-hashed to another worker.
 * **Workers follow the catalog through the mirror code over HTTP.** In embedded mode they follow
   the agent's own Consul-compatible API over loopback (the agent's HTTP listener when it is on
-  loopback or a wildcard address, else a private ``127.0.0.1:0`` listener of the same API), with
+  loopback or a wildcard address, else a Unix socket of the same API in a 0700 directory), with
   no rate limit (``query_interval`` 0: the agent is the only server and is local) and short
   backoffs, so one code path, the mirror's, serves both modes. In mirror mode they follow the
   upstream Consul agent directly, with its configuration: a mirror-mode agent has no catalog API
@@ -354,15 +354,23 @@ class WorkerPool:
         return replace(self.config, services=(), dns_port=self.port or 0, dns_workers=1)
 
     def _spawn(self, slot: _Slot) -> None:
+        """Start the worker of *slot* on its sockets. Raises OSError if it cannot be started."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = (child.fileno(), slot.udp.fileno(), slot.tcp.fileno())
         root = os.path.dirname(os.path.dirname(os.path.abspath(dnsdisco.__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "dnsdisco.workers", "--index", str(slot.index),
+        if root not in [p for p in sys.path if p and p != os.getcwd()]:
+            # Run from a source tree, not installed: the worker must find the same package.
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # -P: not the agent's working directory first on sys.path, where a stray socket.py (or
+        # dnsdisco/) would be imported by every worker; the package comes from PYTHONPATH.
+        cmd = [sys.executable, "-P", "-m", "dnsdisco.workers", "--index", str(slot.index),
                "--control", str(fds[0]), "--udp", str(fds[1]), "--tcp", str(fds[2])]
         try:
             slot.proc = subprocess.Popen(cmd, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        except OSError:
+            parent.close()
+            raise
         finally:
             child.close()
         # Timeout mode: reads happen only when select/the loop says there is data, and a send
@@ -460,10 +468,20 @@ class WorkerPool:
             slot.quick_deaths += 1
         log.error("dns worker %d (pid %d) stopped unexpectedly (%s) after %.1fs; starting it again%s",
                   slot.index, proc.pid, how, ran, f" in {delay:.1f}s" if delay else "")
-        if delay:
-            await asyncio.sleep(delay)
-        if not self._stopping:
-            self._spawn(slot)
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                self._spawn(slot)
+                return
+            except OSError as e:
+                # Out of processes, descriptors or memory: try again later rather than leave
+                # the slot dead (and /ready 503) for good.
+                delay = min(RESTART_MAX, max(delay * 2, RESTART_MIN))
+                log.error("dns worker %d could not be started (%s); trying again in %.1fs",
+                          slot.index, e, delay)
 
     async def stop(self) -> None:
         """SIGTERM every worker, wait for them (SIGKILL after STOP_TIMEOUT), close the sockets."""
@@ -529,16 +547,22 @@ class WorkerPool:
             if slot.ctl is not None and self._send(slot, ("stats", self._seq)):
                 waiting[slot.ctl.fileno()] = (slot, self._seq)
         deadline = time.monotonic() + timeout
+        # poll, not select: a busy agent's descriptors can be numbered past select's 1024.
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, select.POLLIN)
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            readable, _, _ = select.select(list(waiting), [], [], left)
-            for fd in readable:
+            for fd, _events in poller.poll(left * 1000):
+                if fd not in waiting:
+                    continue
                 slot, seq = waiting[fd]
                 self._on_readable(slot)
                 if slot.ctl is None or slot.stats_seq >= seq:
                     del waiting[fd]
+                    poller.unregister(fd)
 
 
 # --- the worker's side -----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -118,18 +119,32 @@ def client_prefix(ip: str, v4_bits: int, v6_bits: int) -> str | bytes:
     return tag + n.to_bytes(width // 8, "big") + bytes([bits])
 
 
-def _question_end(message: bytes) -> int:
-    """Offset just past the first question's QTYPE and QCLASS, or -1 if there is none.
+def _name_end(message: bytes) -> int:
+    """Offset of the root label ending the first question's name, or -1 if it is not a plain
+    name (no question, a compression pointer, a label over 63 bytes, a name over 255).
 
-    The name ends at its first zero byte (the root label): a zero inside a label only makes
-    the key shorter, so a hostile name cannot buy itself a fresh account this way.
+    The labels are walked, not searched for a zero byte: a zero *inside* a label
+    (``rnd.\\000x.service.consul``) would otherwise end the key early, outside the zone, and buy
+    each random name an account of its own.
     """
     if len(message) < 17 or not (message[4] or message[5]):
         return -1
-    z = message.find(b"\x00", 12)
-    if z < 0 or z + 5 > len(message):
-        return -1
-    return z + 5
+    i, n = 12, len(message)
+    limit = min(n, 12 + 255)
+    while i < limit:
+        length = message[i]
+        if not length:
+            return i if i + 5 <= n else -1
+        if length > 63:
+            return -1
+        i += length + 1
+    return -1
+
+
+def _question_end(message: bytes) -> int:
+    """Offset just past the first question's QTYPE and QCLASS, or -1 if there is none."""
+    z = _name_end(message)
+    return -1 if z < 0 else z + 5
 
 
 def slip_reply(reply: bytes) -> bytes:
@@ -184,7 +199,9 @@ class RateLimiter:
         self.counters = counters if counters is not None else RateLimitCounters()
         self.clock = clock
         # key -> [balance, last update, limited replies so far]; dict order is recency (LRU).
-        self.table: dict[tuple[object, ...], list[float]] = {}
+        # Least recently used first. An OrderedDict, not a dict: evicting a dict's first key
+        # steps over every deleted slot before it, O(table) per reply under a spoofed flood.
+        self.table: OrderedDict[tuple[object, ...], list[float]] = OrderedDict()
         self._exempt_cache: dict[str, bool] = {}
         self._prefixes: dict[str, str | bytes] = {}  # client address -> its prefix key
 
@@ -207,9 +224,8 @@ class RateLimiter:
             kind = _NXDOMAIN
         else:
             return _ERROR, b""
-        # The question: its name ends at the first zero byte (see _question_end, inlined here).
-        z = reply.find(b"\x00", 12)
-        if z < 0 or z + 5 > len(reply) or not (reply[4] or reply[5]):
+        z = _name_end(reply)
+        if z < 0:
             return _ERROR, b""
         # Names compare case-insensitively (RFC 4343): lower-case the name, not the type/class.
         # A label length byte is at most 63, so bytes.lower() never changes one.
@@ -241,15 +257,18 @@ class RateLimiter:
 
     def _debit(self, key: tuple[object, ...], rate: float, now: float) -> Verdict:
         table = self.table
-        account = table.pop(key, None)
+        account = table.get(key)
         if account is None or now - account[1] > self.window:
             # New, or idle for longer than the window: a fresh account with one second's credit.
-            account = [rate - 1.0, now, 0.0]
-            if len(table) >= self.max_table_size:
-                del table[next(iter(table))]  # the least recently used account
-            table[key] = account
+            if account is None:
+                if len(table) >= self.max_table_size:
+                    table.popitem(last=False)  # the least recently used account
+                account = table[key] = [rate - 1.0, now, 0.0]
+            else:
+                account[:] = [rate - 1.0, now, 0.0]
+                table.move_to_end(key)
             return _ALLOW if rate >= 1.0 else self._limited(account)
-        table[key] = account  # re-inserted last: most recently used
+        table.move_to_end(key)  # most recently used
         balance = account[0] + (now - account[1]) * rate
         if balance > rate:
             balance = rate  # at most one second's worth of credit
@@ -276,13 +295,15 @@ class RateLimiter:
         rate = self.rates[kind]
         if not rate:
             return reply
+        if self.exempt and self._exempt(client_ip):
+            # Before any accounting (as BIND): an exempt resolver's traffic must not fill the
+            # table and push limited clients' debts out of it.
+            return reply
         prefix = self._prefixes.get(client_ip)
         if prefix is None:
             prefix = self._prefix(client_ip)
         verdict = self._debit((prefix, kind, name), rate, self.clock())
         if verdict is _ALLOW:
-            return reply
-        if self.exempt and self._exempt(client_ip):
             return reply
         counters = self.counters
         if self.log_only:

@@ -834,15 +834,19 @@ class _UdpReader:
     def _shed_tick(self) -> None:
         if not self.reading:
             return
-        self._drain()
-        self.on_readable()
-        if not self.reading:
-            return
-        if self.stack:
-            self.loop.call_soon(self._shed_tick)  # after whatever else is ready (TCP, HTTP)
-        else:
-            self.shedding = False
-            self.loop.add_reader(self.sock.fileno(), self.on_readable)
+        try:
+            self._drain()
+            self.on_readable()
+        finally:
+            # Even if answering raised (the loop logs it): this chain of call_soon is the only
+            # thing reading the socket while shedding, so it must go on or hand back to the
+            # selector, or UDP would go deaf until a restart.
+            if self.reading:
+                if self.stack:
+                    self.loop.call_soon(self._shed_tick)  # after whatever else is ready (TCP, HTTP)
+                else:
+                    self.shedding = False
+                    self.loop.add_reader(self.sock.fileno(), self.on_readable)
 
     def _drain(self) -> None:
         """Read what the socket holds (up to SHED_DRAIN_MAX) onto the stack; the datagrams that

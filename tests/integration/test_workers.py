@@ -276,3 +276,44 @@ def test_workers_of_a_killed_agent_exit(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_with_the_http_api_off_workers_follow_a_private_unix_socket():
+    """``ports.http = -1``: the workers still need the API, but it must not appear on a TCP
+    port: a Unix socket in a directory only this user may enter, removed at stop."""
+    cfg = load(ports={"http": -1, "dns": 0})
+    a = Agent(cfg, metrics=Metrics(CollectorRegistry(), datacenter=cfg.datacenter))
+    await a.start()
+    try:
+        assert a.http_port is None and a._private_dir is not None
+        assert os.stat(a._private_dir).st_mode & 0o777 == 0o700
+        replies = await many(a.dns_port, "consul.service.consul", 20)
+        assert all(addresses(r) == {"127.0.0.1"} for r in replies)
+        private = a._private_dir
+        # No TCP listener of the agent's process besides DNS: nothing else on a port.
+        listening = _tcp_listening_ports(os.getpid())
+        assert listening == {a.dns_port}, listening
+    finally:
+        await a.stop()
+    assert not os.path.exists(private)
+
+
+def _tcp_listening_ports(pid: int) -> set[int]:
+    """The ports of this process's listening TCP sockets, from /proc (no psutil here)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    out.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return out

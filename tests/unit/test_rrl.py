@@ -195,7 +195,9 @@ def test_exempt_clients_and_log_only():
     rep = reply(request("web.service.consul."))
     assert run(rl, "192.0.2.200", rep, 10) == [rep] * 10
     assert run(rl, "::ffff:192.0.2.201", rep, 3) == [rep] * 3  # v4-mapped counts as v4
-    assert run(rl, "192.0.2.10", rep, 3).count(None) == 3  # same /24, not exempt: limited
+    assert len(rl.table) == 0  # exempt replies are not accounted at all (as BIND)
+    # Same /24, not exempt: limited, from a fresh account (the exempt replies did not drain it).
+    assert run(rl, "192.0.2.10", rep, 3) == [rep, None, None]
     rl, _ = limiter(responses_per_second=1, log_only=True)
     assert run(rl, "192.0.2.7", rep, 10) == [rep] * 10
     assert rl.counters.logged == 9 and rl.counters.dropped == rl.counters.slipped == 0
@@ -297,3 +299,17 @@ def test_rate_limit_must_be_an_object(tmp_path):
     path.write_text(json.dumps({"dns_config": {"rate_limit": 5}}))
     with pytest.raises(ConfigError, match="dns_config.rate_limit"):
         configmod.load([str(path)], dev=True)
+
+
+def test_a_zero_byte_inside_a_label_does_not_buy_a_fresh_account():
+    """NXDOMAIN replies are accounted per zone; a name with a zero byte inside a label
+    (rnd.\\000x.service.consul) must still be seen as in the zone, not cut at that byte."""
+    rl, _ = limiter(responses_per_second=5, slip=0)
+    out = []
+    for i in range(50):
+        name = b"".join(bytes([len(p)]) + p for p in (f"r{i}".encode(), b"\x00x", b"service", b"consul")) + b"\x00"
+        query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+        nx = query[:2] + b"\x81\x83" + query[4:]  # the same message as an NXDOMAIN reply
+        assert rl.identity(nx)[1] == b"\x06consul\x00"
+        out.append(rl.filter("192.0.2.7", nx))
+    assert out.count(None) == 45  # one zone account: 5 go, the rest are dropped
