@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import ipaddress
+import itertools
 import logging
 import time
 import uuid
@@ -76,6 +77,9 @@ _DEFAULT_NODE_REASON = (
 # KV tombstones (the index of a key's deletion, so that a prefix's index never goes back) kept
 # in memory, at most this many; older ones fold into a floor, as Consul's tombstone GC does.
 MAX_TOMBSTONES = 10_000
+# Service names kept for the mirrors' change hints (each of services_changed_since and
+# checks_changed_since); a catalog churning through more distinct names loses the oldest half.
+HINT_NAMES_MAX = 100_000
 
 CheckListener = Callable[[Check | None, Check | None], None]
 DeltaListener = Callable[[CatalogDelta], None]
@@ -287,6 +291,9 @@ class Store:
         # The same for check rows: lower service name -> index of the last write to a check that
         # bears on it (its own, or its node's), for the hint on /v1/health/state/<status>.
         self._check_writes: dict[str, int] = {}
+        # Both keep a name per service ever written; past HINT_NAMES_MAX the oldest half goes and
+        # this floor rises: a hint asked for since an index below it is "not known" (*).
+        self._hint_floor = 0
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._tombstones: dict[str, int] = {}
         self._kv_floor = 1
@@ -655,7 +662,7 @@ class Store:
         return self._written_since(self._check_writes, since, limit)
 
     def _written_since(self, writes: dict[str, int], since: int, limit: int) -> list[str] | None:
-        if since < self._floor:
+        if since < self._floor or since < self._hint_floor:
             return None
         out: list[str] = []
         for name in reversed(writes):
@@ -833,6 +840,10 @@ class Store:
         for ln in checked:
             self._check_writes.pop(ln, None)
             self._check_writes[ln] = index
+        for writes in (self._service_writes, self._check_writes):
+            if len(writes) > HINT_NAMES_MAX:
+                for name in list(itertools.islice(writes, len(writes) // 2)):
+                    self._hint_floor = max(self._hint_floor, writes.pop(name))
         for key in stale:
             self._entries.pop(key, None)
         for key in stale:

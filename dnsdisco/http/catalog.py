@@ -60,12 +60,14 @@ def _path_name(request: web.Request, param: str, missing: str) -> str:
     return name
 
 
-async def _blocking(request: web.Request, topic: str) -> tuple[Read, int]:
-    """Parse the read options, then block on *topic*; return them and the index to answer."""
+async def _blocking(request: web.Request, topic: str, *more: str) -> tuple[Read, int]:
+    """Parse the read options, then block on *topic* (and *more*); return them and the index to
+    answer (the highest of theirs)."""
     read = Read(request)
     refuse_filter(request)
     store = request.app[STORE]
-    return read, await read.block([topic], lambda: store.topic_index(topic))
+    topics = [topic, *more]
+    return read, await read.block(topics, lambda: max(store.topic_index(t) for t in topics))
 
 
 @routes.get("/v1/catalog/datacenters")
@@ -83,9 +85,11 @@ async def nodes(request: web.Request) -> web.Response:
 
 @routes.get("/v1/catalog/services")
 async def services(request: web.Request) -> web.Response:
-    read, index = await _blocking(request, "services")
-    store = request.app[STORE]
     wanted = node_meta_filter(request)
+    # With ?node-meta= the answer depends on the nodes too (Consul's ServicesByNodeMeta index
+    # covers both tables): a node's meta changing must wake the read.
+    read, index = await _blocking(request, "services", *(("nodes",) if wanted else ()))
+    store = request.app[STORE]
     headers = read.headers(index)
     want = request.headers.get(WANT_CHANGES_HEADER)
     if want and read.index and index > read.index:

@@ -76,6 +76,8 @@ DEFAULT_MAX_STALE = 87600 * 3600.0
 # How long a services move waits for the nodes/checks watches to report the same write before
 # it is called unexplained (their replies race with it; the same write wakes all of them).
 SETTLE = 0.2
+# The least time between two background reads of every check (the catch-up; see _Datacenter).
+CATCH_UP_INTERVAL = 1.0
 # During a long sweep, deltas go out at least this often rather than all at the end.
 FLUSH_EVERY = 0.1
 # How often ``datacenters: ["*"]`` re-reads /v1/catalog/datacenters (it cannot block).
@@ -207,7 +209,10 @@ class _Datacenter:
         self._checks_index = 0  # the checks index the lists were last read at
         self._any_index = 0  # ... and /v1/health/state/any
         self._checks_behind = False  # a check write the lists do not show (passing only)
-        self._any_bucket = TokenBucket(up.query_interval, up.query_burst, clock=mirror.clock)
+        # At least CATCH_UP_INTERVAL apart even without a rate limit (the DNS workers): each is a
+        # read of every check, and one overtaken by a write is thrown away and asked again.
+        self._any_bucket = TokenBucket(max(up.query_interval, CATCH_UP_INTERVAL), up.query_burst,
+                                       clock=mirror.clock)
         self._any_due = 0.0
         self._any_reserved = False  # a token is taken for a catch-up read due at _any_due
         self._catch_up: asyncio.Task[None] | None = None
@@ -218,6 +223,7 @@ class _Datacenter:
         # lower name -> index of the latest check or node write seen to touch it
         self._events: dict[str, int] = {}
         self._unknown: dict[str, str] = {}  # services with checks on instances we do not have
+        self._loading: dict[str, tuple[Any, QueryMeta]] = {}  # the replies a full load reads from
         self._dirty: dict[str, str] = {}  # reads that failed, to retry
         self._resync_at = 0.0
         # Out-going delta being collected.
@@ -258,7 +264,10 @@ class _Datacenter:
             # A change hint is relative to the previous reply, so one replacing an undigested
             # reply carries the union of both (no hint if either has none).
             old = self._pending.get(key)
-            if old is not None and not reset and meta.changed is not None:
+            # Not onto the reply a full load is reading from: the load covers it, and the new
+            # reply's own hint (relative to it) must survive, or the next round would have to
+            # find the change the Consul way (settle, attribution, sweep).
+            if old is not None and not reset and meta.changed is not None and old is not self._loading.get(key):
                 data, meta = merge_services_replies(old, (data, meta))
             self._pending[key] = (data, meta)
             self._wake.set()
@@ -411,7 +420,13 @@ class _Datacenter:
             return  # the first reply of every watch is on its way (index 0 does not block)
         started = self.mirror.clock()
         # Taken only once the load has succeeded: a failure must not lose a watch's reply.
-        pending = dict(self._pending)
+        pending = self._loading = dict(self._pending)
+        try:
+            await self._load_from(pending, started)
+        finally:
+            self._loading = {}
+
+    async def _load_from(self, pending: dict[str, tuple[Any, QueryMeta]], started: float) -> None:
         client = self.mirror.client
         for key, path in WATCHED.items():
             if key not in pending or pending[key][1].delta:

@@ -643,3 +643,25 @@ async def test_health_state_hint_names_the_services_of_check_writes(http_agent):
     assert json.loads(r.headers["X-Dnsdisco-Changed-Services"]) == ["web"]
     r = await http_agent.get(f"/v1/health/state/critical?index={since}&wait=1s")
     assert "X-Dnsdisco-Changed-Services" not in r.headers
+
+
+async def test_services_by_node_meta_wakes_on_a_node_meta_change(http_agent):
+    r = await http_agent.put("/v1/catalog/register", {
+        "Node": "ext1", "Address": "10.1.0.1", "NodeMeta": {"rack": "r1"},
+        "Service": {"Service": "redis", "ID": "redis-1", "Port": 6379}})
+    assert r.status == 200
+    r = await http_agent.get("/v1/catalog/services?node-meta=rack:r2")
+    assert r.json() == {}
+    since = r.index
+
+    async def move() -> None:
+        await asyncio.sleep(0.2)
+        await http_agent.put("/v1/catalog/register", {"Node": "ext1", "Address": "10.1.0.1",
+                                                      "NodeMeta": {"rack": "r2"}})
+
+    mover = asyncio.create_task(move())
+    t0 = time.monotonic()
+    r = await http_agent.get(f"/v1/catalog/services?node-meta=rack:r2&index={since}&wait=5s")
+    await mover
+    # Woken by the node write (not the 5 s wait), and the answer follows the node's new meta.
+    assert time.monotonic() - t0 < 3 and r.index > since and r.json() == {"redis": []}

@@ -686,3 +686,38 @@ async def test_every_kind_of_change_shows_at_500_services(hints: bool) -> None:
                 assert dc["hinted_services_moves"] == 0 and dc["services_deltas"] == 0 and dc["sweeps"] >= 1
             print(f"\n500 services, hints={hints}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in taken.items())
                   + f"; sweeps {dc['sweeps']}, state/any reads {dc['all_checks_reads']}")
+
+
+async def test_a_write_during_the_first_load_keeps_its_hint() -> None:
+    """A hinted reply that arrives while the full load reads from the reply before it must keep
+    its own hint: merged onto that unhinted reply it lost it, and the mirror then swept every
+    service to find the change (a worker's cold start while registrations still arrive)."""
+    from dnsdisco.sync import mirror as mirrormod
+
+    async with upstream() as up:
+        for k in range(50):
+            node = Node(name=f"node{k}", address=f"10.9.{k}.1", datacenter="dc1")
+            await up.store.catalog_register(RegisterRequest(
+                datacenter="dc1", node=node, service=Service(node=node.name, id=f"s{k}", name=f"s{k}", port=8000)))
+        orig = mirrormod._Datacenter._fetch
+        changed = False
+
+        async def slow_first_load(self, todo, *, skip, record=True):  # type: ignore[no-untyped-def]
+            nonlocal changed
+            if not record and not changed:  # the full load's reads: a port change lands meanwhile
+                changed = True
+                await up.put("/v1/catalog/register", {"Node": "node3", "Address": "10.9.3.1", "SkipNodeUpdate": True,
+                                                      "Service": {"ID": "s3", "Service": "s3", "Port": 9999}})
+                await asyncio.sleep(0.3)
+            return await orig(self, todo, skip=skip, record=record)
+
+        mirrormod._Datacenter._fetch = slow_first_load  # type: ignore[method-assign]
+        try:
+            async with Follower(up.base, change_hints=True, wait=60.0) as f:
+                assert await f.mirror.wait_synced(10)
+                await until(lambda: "9999" in " ".join(f.answer("s3.service.consul", Qtype.SRV)[1]), what="s3 port")
+                await asyncio.sleep(0.3)
+                dc = f.mirror.status()["datacenters"]["dc1"]
+                assert dc["sweeps"] == 0 and dc["service_reads"] < 60, dc
+        finally:
+            mirrormod._Datacenter._fetch = orig  # type: ignore[method-assign]

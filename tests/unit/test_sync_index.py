@@ -396,3 +396,29 @@ async def test_store_names_the_services_check_writes_bore_on() -> None:
         assert store.services_changed_since(mid, 10) == []  # no service row was written
     finally:
         await store.close()
+
+
+async def test_the_hint_logs_are_bounded() -> None:
+    """Past HINT_NAMES_MAX distinct names the oldest half is dropped; a hint asked for since an
+    index before the cut is then 'not known', never a partial list."""
+    from dnsdisco.catalog import store as storemod
+    from dnsdisco.catalog.definition import RegisterRequest
+    from dnsdisco.catalog.model import Node, Service
+
+    store = storemod.Store(datacenter="dc1", node_name="agent", node_address="127.0.0.1", data_dir=None)
+    await store.open()
+    old = storemod.HINT_NAMES_MAX
+    storemod.HINT_NAMES_MAX = 10
+    try:
+        node = Node(name="n1", address="10.0.0.1", datacenter="dc1")
+        start = store.index
+        for i in range(12):
+            await store.catalog_register(RegisterRequest(
+                datacenter="dc1", node=node, service=Service(node="n1", id=f"s{i}", name=f"svc{i}", port=1)))
+        assert len(store._service_writes) <= 10
+        assert store.services_changed_since(start, 100) is None  # the cut covers it: not known
+        recent = store.index - 1
+        assert store.services_changed_since(recent, 100) == ["svc11"]
+    finally:
+        storemod.HINT_NAMES_MAX = old
+        await store.close()
