@@ -247,8 +247,20 @@ class Journal:
     def open(self) -> Loaded:
         """Create or open the database and read everything in it. Blocking."""
         try:
+            return self._open()
+        except BaseException:
+            # Not left open on failure: it may hold the EXCLUSIVE lock, and a retry in this
+            # process (or another agent) would then find the database locked.
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            raise
+
+    def _open(self) -> Loaded:
+        try:
             os.makedirs(self._data_dir, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn = conn
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # EXCLUSIVE before WAL: SQLite then keeps the WAL index in this process's heap
             # instead of a mmap'd -shm file. A write to that mapping on a filesystem gone
@@ -366,8 +378,9 @@ class Journal:
         live: list[_Job] = []
         for job in batch:
             if job.epoch <= self._dead_epoch:
+                why = f": {self.failing}" if self.failing else ""
                 errors[id(job)] = StorageError(f"catalog write failed, nothing was changed: it was queued "
-                                               f"behind a write that failed: {self.failing}")
+                                               f"behind a write that failed{why}")
             else:
                 live.append(job)
         if live:

@@ -488,3 +488,23 @@ async def test_checks_in_state_follow_every_status_change():
         assert s.checks_in_state(status) == scan(status), status
     assert [c.check_id for c in s.checks_in_state("critical")] == ["c0", "c2", "c5"]
     await s.close()
+
+
+async def test_a_failed_open_does_not_keep_the_database_locked(tmp_path):
+    """The database is opened with an EXCLUSIVE lock; an open that fails after taking it (here:
+    a schema from another version) must let go, or the next attempt finds it locked."""
+    d = tmp_path / "data"
+    s = make_store(str(d))
+    await s.open()
+    await s.close()
+    db = sqlite3.connect(str(d / persist.DB_NAME), isolation_level=None)
+    db.execute("UPDATE meta SET value='999' WHERE name='schema'")
+    db.close()
+    with pytest.raises(StorageError, match="schema"):
+        await make_store(str(d)).open()
+    db = sqlite3.connect(str(d / persist.DB_NAME), isolation_level=None, timeout=0.1)
+    db.execute("UPDATE meta SET value=? WHERE name='schema'", (persist.SCHEMA_VERSION,))  # not locked
+    db.close()
+    s = make_store(str(d))
+    await s.open()
+    await s.close()
