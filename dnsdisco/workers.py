@@ -579,7 +579,8 @@ class _Prefix(logging.Filter):
         return True
 
 
-async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket.socket) -> None:
+async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket.socket) -> int:
+    """One worker's life; returns its exit code."""
     from dnsdisco.cli import _setup_logging
     from dnsdisco.dns.server import DnsServer
     from dnsdisco.dns.table import AnswerTable
@@ -599,7 +600,7 @@ async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket
     try:
         kind, config, source, max_stale = await receive()
     except asyncio.IncompleteReadError:
-        return  # the agent went away before it said anything
+        return 0  # the agent went away before it said anything
     assert kind == "config"
     _setup_logging(config.log_level, config.log_json)
     for handler in logging.getLogger().handlers:
@@ -647,8 +648,20 @@ async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket
     controller = loop.create_task(control())
     await mirror.start()
     syncing = loop.create_task(first_sync())
+    failed: list[BaseException] = []
+
+    def after_first_sync(task: asyncio.Task[None]) -> None:
+        # A worker that cannot start serving (its sockets refused, say) must exit, so that the
+        # agent sees it and starts it again, rather than live on without DNS.
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task.exception())  # type: ignore[arg-type]
+            log.error("could not start serving DNS: %s", task.exception())
+            stop.set()
+
+    syncing.add_done_callback(after_first_sync)
     try:
         await stop.wait()
+        return 1 if failed else 0
     finally:
         syncing.cancel()
         controller.cancel()
@@ -676,10 +689,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(args.index, ctl, udp, tcp))
-    else:
-        uvloop.run(_serve(args.index, ctl, udp, tcp))
-    return 0
+        return asyncio.run(_serve(args.index, ctl, udp, tcp))
+    return uvloop.run(_serve(args.index, ctl, udp, tcp))
 
 
 if __name__ == "__main__":
