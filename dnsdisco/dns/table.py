@@ -481,7 +481,16 @@ class _SrvView:
                     if self.shuffles is not None:
                         self.shuffles.add()
                 else:
-                    group.append(item)
+                    # The group's record comes from its first member in entry order (node, then
+                    # service ID), as a fresh build takes it, whatever order they arrived in.
+                    order = (entry.node.name, entry.service.id)
+                    at = next((j for j, other in enumerate(group)
+                               if (other[0].node.name, other[0].service.id) > order), len(group))
+                    group.insert(at, item)
+                    if at == 0:
+                        i = self.slot[key]
+                        self.plan[i] = item
+                        self.units[i] = None
         self.contrib[id(entry)] = key
 
     def _remove(self, entry: ServiceEntry) -> None:

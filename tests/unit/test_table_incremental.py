@@ -296,3 +296,28 @@ def test_every_instance_still_gets_its_turn_in_front_after_incremental_changes()
         msg = parse_reply(table.respond(query), query)
         seen.add(msg.answer[0][0].address)
     assert seen == want
+
+
+def test_a_shared_srv_record_comes_from_the_first_member_as_in_a_fresh_build():
+    """Instances on one node, address and port share an SRV record, taken from the first in
+    entry order (node, then service ID). After one of them is re-registered, the incremental
+    table must pick the same member a fresh build does (the weight differs by health here)."""
+    n = Node("n1", "10.0.0.1", "dc1")
+    w = model.Weights(passing=10, warning=3)
+    filler = [inst(Node(f"f{i}", f"10.2.0.{i}", "dc1"), "svc", sid=f"z{i}", port=90, status=PASSING, weights=w)
+              for i in range(20)]
+    a = inst(n, "svc", sid="a", port=80, status=WARNING, weights=w)
+    b = inst(n, "svc", sid="b", port=80, status=PASSING, weights=w)
+    q = make_query("svc.service.consul.", Qtype.SRV, tcp=True)
+
+    def shared(tab: AnswerTable) -> list[str]:
+        return [line for line in lines(parse_reply(tab.respond(q), q).answer) if "n1.node" in line]
+
+    t = AnswerTable(Config(), rng=random.Random(1), clock=lambda: NOW)
+    t.apply(CatalogDelta("dc1", 1, {"svc": (a, b, *filler)}, {n.name: n}, full=True))
+    assert shared(t) == ["svc.service.consul. 0 IN SRV 1 3 80 n1.node.dc1.consul."]  # from a (warning)
+    a2 = inst(n, "svc", sid="a", port=80, status=WARNING, weights=w, tags=("x",))  # re-registered
+    t.apply(CatalogDelta("dc1", 2, {"svc": (a2, b, *filler)}))
+    fresh = AnswerTable(Config(), rng=random.Random(1), clock=lambda: NOW)
+    fresh.apply(CatalogDelta("dc1", 2, {"svc": (a2, b, *filler)}, {n.name: n}, full=True))
+    assert shared(t) == shared(fresh) == ["svc.service.consul. 0 IN SRV 1 3 80 n1.node.dc1.consul."]
