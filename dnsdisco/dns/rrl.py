@@ -230,6 +230,11 @@ class RateLimiter:
         # Names compare case-insensitively (RFC 4343): lower-case the name, not the type/class.
         # A label length byte is at most 63, so bytes.lower() never changes one.
         if kind is _RESPONSE:
+            first = 13 + reply[12]
+            if reply[first : first + 5].lower() == b"\x04addr":
+                # HEX.addr.<dc>.<domain> answers for any address, as a wildcard would: one
+                # account for the form (BIND counts wildcard answers under the wildcard's name).
+                return kind, reply[first:z].lower() + reply[z : z + 5]
             return kind, reply[12:z].lower() + reply[z : z + 5]
         name = reply[12 : z + 1].lower()
         for zone in self.zones:

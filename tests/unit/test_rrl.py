@@ -313,3 +313,15 @@ def test_a_zero_byte_inside_a_label_does_not_buy_a_fresh_account():
         assert rl.identity(nx)[1] == b"\x06consul\x00"
         out.append(rl.filter("192.0.2.7", nx))
     assert out.count(None) == 45  # one zone account: 5 go, the rest are dropped
+
+
+def test_addr_answers_share_one_account_per_form():
+    """HEX.addr.consul answers for any address: a flood of distinct HEX names is one account."""
+    rl, _ = limiter(responses_per_second=5, slip=0)
+    out = []
+    for i in range(40):
+        name = f"0a{i:06x}.addr.consul."
+        rep = reply(request(name))
+        rep = rep[:6] + b"\x00\x01" + rep[8:]  # one answer: a positive reply
+        out.append(rl.filter("192.0.2.7", rep))
+    assert out.count(None) == 35
