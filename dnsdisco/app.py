@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -40,7 +41,7 @@ from dnsdisco.forward import Forwarder
 from dnsdisco.http.app import make_app, make_ops_app
 from dnsdisco.metrics import Metrics, SyncStatus, mirror_sync_status
 from dnsdisco.sync.mirror import DEFAULT_MAX_STALE, Mirror
-from dnsdisco.workers import WorkerPool, loopback_source
+from dnsdisco.workers import WorkerPool, loopback_source, seed_from_store
 
 log = logging.getLogger("dnsdisco.agent")
 
@@ -189,8 +190,24 @@ class Agent:
             site = web.UnixSite(self._runner, path)
             await site.start()
             source = replace(loopback_source(0), address=f"unix://{path}")
-        # The embedded catalog is never stale: dns_config.max_stale is for mirror mode.
-        await self.workers.start(source, max_stale=DEFAULT_MAX_STALE)
+        # The workers' first copy of the catalog, written once for all of them: loading it is
+        # several times quicker than reading every service over HTTP (see Seed).
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="dnsdisco-api-")  # mode 0700
+        seed_path = os.path.join(self._private_dir, "seed.pickle")
+        store = self.store
+
+        def write_seed() -> str:
+            with open(seed_path, "wb") as f:
+                pickle.dump(seed_from_store(store), f, protocol=pickle.HIGHEST_PROTOCOL)
+            return seed_path
+
+        try:
+            # The embedded catalog is never stale: dns_config.max_stale is for mirror mode.
+            await self.workers.start(source, max_stale=DEFAULT_MAX_STALE, write_seed=write_seed)
+        finally:
+            if os.path.exists(seed_path):
+                os.unlink(seed_path)
 
     async def _start_embedded(self) -> None:
         assert self.store is not None and self.health is not None

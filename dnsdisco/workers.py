@@ -74,6 +74,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import dnsdisco
@@ -81,7 +82,10 @@ from dnsdisco.config import Config
 from dnsdisco.dns.server import TCP_BACKLOG, UDP_RCVBUF, DnsStats
 from dnsdisco.forward import ForwardStats
 from dnsdisco.metrics import Metrics
-from dnsdisco.sync.mirror import DEFAULT_MAX_STALE
+from dnsdisco.catalog.model import CRITICAL, WARNING
+from dnsdisco.catalog.store import Store
+from dnsdisco.http import shapes
+from dnsdisco.sync.mirror import DEFAULT_MAX_STALE, Seed
 from dnsdisco.sync.upstream import UpstreamConfig
 
 __all__ = ["WorkerPool", "bind_shared", "loopback_source", "worker_main"]
@@ -182,6 +186,26 @@ def bind_shared(address: str, port: int, count: int) -> list[tuple[socket.socket
             t.close()
         raise
     return pairs
+
+
+def seed_from_store(store: Store) -> Seed:
+    """The embedded catalog as a worker's first load reads it, at this instant: the watched
+    lists as the HTTP API answers them (same shapes, same indexes) and every service's entries.
+    A worker loads it from a file in a fraction of the time its HTTP reads take (100,000
+    instances: about 2 s against 10)."""
+    def at(topic: str) -> int:
+        return max(store.topic_index(topic), 1)  # as the HTTP reads answer (never 0)
+
+    lists = {
+        "services": (store.service_names(), at("services")),
+        "nodes": ([shapes.node(n) for n in store.nodes()], at("nodes")),
+        "critical": ([shapes.check(c) for c in store.checks_in_state(CRITICAL)], at("checks")),
+        "warning": ([shapes.check(c) for c in store.checks_in_state(WARNING)], at("checks")),
+    }
+    names = {name.lower() for name in lists["services"][0]}
+    return Seed(lists=lists,
+                entries={lname: tuple(store.health_service(lname)) for lname in names},
+                svc_index={lname: at(f"health:{lname}") for lname in names})
 
 
 def loopback_source(port: int, address: str = "127.0.0.1") -> UpstreamConfig:
@@ -312,6 +336,7 @@ class WorkerPool:
         self._slots: list[_Slot] = []
         self._source: UpstreamConfig | None = None
         self._max_stale = DEFAULT_MAX_STALE
+        self._seed_path: str | None = None
         self._stopping = False
         self._seq = 0
         self._all_synced = asyncio.Event()
@@ -336,25 +361,35 @@ class WorkerPool:
         return self.port
 
     async def start(self, source: UpstreamConfig, *, max_stale: float = DEFAULT_MAX_STALE,
-                    wait: float = STARTUP_WAIT) -> None:
+                    wait: float = STARTUP_WAIT, write_seed: Callable[[], str] | None = None) -> None:
         """Spawn the workers following *source* and wait (up to *wait* seconds) until every one
-        has had its first full sync."""
+        has had its first full sync. *write_seed* writes a pickled :class:`Seed` and returns its
+        path: the workers load their first copy from it instead of reading it over HTTP. It is
+        called once the workers are spawned (they start up meanwhile), and used for this start
+        only: a worker started again later reads, its seed being old by then."""
         self._source = source
         self._max_stale = max_stale
-        for slot in self._slots:
-            self._spawn(slot)
         try:
-            await asyncio.wait_for(self._all_synced.wait(), wait)
-        except asyncio.TimeoutError:
-            log.warning("dns workers: not all synced after %.0fs; /ready says which", wait)
+            for slot in self._slots:
+                self._spawn(slot, configure=False)
+            self._seed_path = write_seed() if write_seed is not None else None
+            for slot in self._slots:
+                self._configure(slot)
+            try:
+                await asyncio.wait_for(self._all_synced.wait(), wait)
+            except asyncio.TimeoutError:
+                log.warning("dns workers: not all synced after %.0fs; /ready says which", wait)
+        finally:
+            self._seed_path = None
 
     def _worker_config(self) -> Config:
         # Services from config files are the agent's business (they reach the workers through
         # the catalog); the port is the one bound, so that 0 stays what it resolved to.
         return replace(self.config, services=(), dns_port=self.port or 0, dns_workers=1)
 
-    def _spawn(self, slot: _Slot) -> None:
-        """Start the worker of *slot* on its sockets. Raises OSError if it cannot be started."""
+    def _spawn(self, slot: _Slot, *, configure: bool = True) -> None:
+        """Start the worker of *slot* on its sockets and (unless not *configure*: see
+        :meth:`start`) send it its configuration. Raises OSError if it cannot be started."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = (child.fileno(), slot.udp.fileno(), slot.tcp.fileno())
         root = os.path.dirname(os.path.dirname(os.path.abspath(dnsdisco.__file__)))
@@ -381,9 +416,14 @@ class WorkerPool:
         slot.synced = False
         slot.started = time.monotonic()
         self._all_synced.clear()
-        self._send(slot, ("config", self._worker_config(), self._source, self._max_stale))
+        if configure:
+            self._configure(slot)
         asyncio.get_running_loop().add_reader(parent.fileno(), self._on_readable, slot)
         log.info("dns worker %d started (pid %d)", slot.index, slot.proc.pid)
+
+    def _configure(self, slot: _Slot) -> None:
+        """The worker's first message: what to serve, what to follow, and the seed if any."""
+        self._send(slot, ("config", self._worker_config(), self._source, self._max_stale, self._seed_path))
 
     def _send(self, slot: _Slot, message: Any) -> bool:
         if slot.ctl is None:
@@ -598,16 +638,28 @@ async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket
         writer.write(_frame(message))
 
     try:
-        kind, config, source, max_stale = await receive()
+        kind, config, source, max_stale, seed_path = await receive()
     except asyncio.IncompleteReadError:
         return 0  # the agent went away before it said anything
     assert kind == "config"
     _setup_logging(config.log_level, config.log_json)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Prefix(index))
+    seed = None
+    if seed_path:
+        # Without the cyclic GC meanwhile: unpickling creates some 400,000 long-lived objects
+        # per 100,000 instances, and each full collection on the way walks all made so far.
+        gc.disable()
+        try:
+            with open(seed_path, "rb") as f:
+                seed = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            log.warning("cannot read the agent's snapshot %s (%s); loading the catalog over HTTP", seed_path, e)
+        finally:
+            gc.enable()
     table = AnswerTable(config)
     mirror = Mirror(source, local_datacenter=config.datacenter, on_delta=table.apply,
-                    on_stale=table.set_stale, max_stale=max_stale)
+                    on_stale=table.set_stale, max_stale=max_stale, seed=seed)
     forwarder = Forwarder(config)
     dns = DnsServer(config, table, forwarder=forwarder)
     stop = asyncio.Event()

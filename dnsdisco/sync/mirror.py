@@ -51,7 +51,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dnsdisco.catalog.model import CatalogDelta, Check, Node, ServiceEntry
@@ -67,7 +67,7 @@ from dnsdisco.sync.parse import (
 )
 from dnsdisco.sync.upstream import UpstreamConfig
 
-__all__ = ["DEFAULT_MAX_STALE", "Mirror"]
+__all__ = ["DEFAULT_MAX_STALE", "Mirror", "Seed"]
 
 log = logging.getLogger("dnsdisco.sync.mirror")
 
@@ -106,6 +106,19 @@ def tag_sets(names: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
     for name, tags in names.items():
         out.setdefault(name.lower(), set()).update(tags)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """What a full load reads, taken from an embedded store at one instant (a DNS worker's start,
+    :func:`dnsdisco.workers.seed_from_store`), so that the load needs no reads: for each watched
+    list (``WATCHED``' keys) its body as the endpoint answers and its index, and every
+    service's health entries with the index its read would give. The watches then start from
+    those indexes, so every later write reaches the mirror as it does after a full load."""
+
+    lists: dict[str, tuple[Any, int]]
+    entries: dict[str, tuple[ServiceEntry, ...]]
+    svc_index: dict[str, int]
 
 
 def merge_services_replies(old: tuple[Any, QueryMeta], new: tuple[Any, QueryMeta]) -> tuple[Any, QueryMeta]:
@@ -171,10 +184,11 @@ class _Datacenter:
     """The mirror of one datacenter: four watches, the mirrored state, and the task that turns
     what the watches deliver into deltas (the reconciler)."""
 
-    def __init__(self, mirror: Mirror, name: str, query_dc: str | None) -> None:
+    def __init__(self, mirror: Mirror, name: str, query_dc: str | None, seed: Seed | None = None) -> None:
         self.mirror = mirror
         self.name = name
         self.query_dc = query_dc
+        self._seed = seed
         up = mirror.upstream
         self.watches = {
             key: Watch(
@@ -236,6 +250,7 @@ class _Datacenter:
         self.any_reads = 0
         self.hinted = 0
         self.services_deltas = 0  # of which the upstream sent only the changed services
+        self.seeded = False  # the first load came from a Seed, not from reads
         self.checks_hinted = 0  # check-list moves whose services a dnsdisco upstream named
         self.node_reads = 0
         self.deltas = 0
@@ -247,6 +262,14 @@ class _Datacenter:
 
     def start(self) -> None:
         self._started = self.mirror.clock()
+        if self._seed is not None:
+            # Block from the seed's indexes: the first reply is the first write after it. The
+            # seed is current now, as a reply just received would be (staleness counts from here).
+            now = self.mirror.clock()
+            for key, watch in self.watches.items():
+                watch.index = self._seed.lists[key][1]
+                watch.last_ok = watch.fresh_at = now
+            self._wake.set()
         for key, watch in self.watches.items():
             self._tasks.append(asyncio.create_task(watch.run(self._deliverer(key)), name=watch.name))
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name=f"{self.name} mirror"))
@@ -329,6 +352,11 @@ class _Datacenter:
         return item
 
     async def _round(self) -> None:
+        seed, self._seed = self._seed, None
+        if seed is not None:
+            pending = {key: (body, QueryMeta(index=index)) for key, (body, index) in seed.lists.items()}
+            await self._load_from(pending, self.mirror.clock(), seed=seed)
+            return
         if self._need_full or self._backwards():
             await self._full_load()
             return
@@ -426,7 +454,8 @@ class _Datacenter:
         finally:
             self._loading = {}
 
-    async def _load_from(self, pending: dict[str, tuple[Any, QueryMeta]], started: float) -> None:
+    async def _load_from(self, pending: dict[str, tuple[Any, QueryMeta]], started: float,
+                         seed: Seed | None = None) -> None:
         client = self.mirror.client
         for key, path in WATCHED.items():
             if key not in pending or pending[key][1].delta:
@@ -458,6 +487,11 @@ class _Datacenter:
         self.by_node = {}
         self.instances = {}
         todo = dict(self.url_names)
+        if seed is not None:
+            for lname in todo:
+                self._set_entries(lname, seed.entries.get(lname, ()))
+                self.svc_index[lname] = seed.svc_index.get(lname, 0)
+            todo = {}
         backoff = self.mirror.new_backoff()
         while todo:
             failed = await self._fetch(todo, skip=False, record=False)
@@ -483,8 +517,10 @@ class _Datacenter:
             self.synced = True
             self.first_sync_seconds = self.mirror.clock() - self._started
             self._resync_at = self.mirror.clock() + self.mirror.upstream.resync_interval
-            log.info("%s: mirrored %d services, %d instances, %d nodes in %.2fs (index %d)",
-                     self.name, len(services), instances, len(self.nodes), elapsed, self.index)
+            log.info("%s: mirrored %d services, %d instances, %d nodes in %.2fs (index %d%s)",
+                     self.name, len(services), instances, len(self.nodes), elapsed, self.index,
+                     ", from the agent's snapshot" if seed is not None else "")
+            self.seeded = seed is not None
             self.mirror.dc_synced(self)
         else:
             log.info("%s: reloaded %d services, %d instances, %d nodes in %.2fs after a reset (index %d)",
@@ -938,6 +974,7 @@ class _Datacenter:
             "service_reads": self.fetches,
             "node_reads": self.node_reads,
             "all_checks_reads": self.any_reads,
+            "seeded": self.seeded,
             "hinted_services_moves": self.hinted,
             "services_deltas": self.services_deltas,
             "hinted_checks_moves": self.checks_hinted,
@@ -979,6 +1016,7 @@ class Mirror:
       dnsdisco upstream names the services it wrote (``upstream.change_hints``, on by
       default; off, a dnsdisco upstream is followed exactly as Consul is).
       The watches' token bucket is ``upstream.query_interval``/``query_burst`` (0: none).
+    * *seed* (a :class:`Seed`) stands in for the reads of the local datacenter's first load.
 
     :meth:`start` returns at once; everything runs in background tasks until :meth:`stop`.
     Nothing here raises because Consul is away: errors are retried with backoff and reported by
@@ -997,9 +1035,11 @@ class Mirror:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         settle: float = SETTLE,
+        seed: Seed | None = None,
     ) -> None:
         self.upstream = upstream
         self.settle = settle
+        self._seed = seed  # for the local datacenter's first load (see Seed)
         self.local_datacenter = local_datacenter
         self._on_delta = on_delta
         self._on_stale = on_stale
@@ -1186,7 +1226,10 @@ class Mirror:
         key = name.lower()
         if key in self._dcs:
             return
-        dc = _Datacenter(self, name, query_dc)
+        seed = None
+        if key == self.local_datacenter.lower():
+            seed, self._seed = self._seed, None
+        dc = _Datacenter(self, name, query_dc, seed)
         self._dcs[key] = dc
         # Not loaded yet: names in it are not known, so they must not look absent.
         self._set_stale(name, True)

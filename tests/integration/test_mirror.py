@@ -123,13 +123,13 @@ class Follower:
     ``table.apply``, ``on_stale`` = ``table.set_stale``); records when each service changed."""
 
     def __init__(self, address: str, *, datacenter: str = "dc1", max_stale: float = DEFAULT_MAX_STALE,
-                 **knobs: Any) -> None:
+                 seed: Any = None, **knobs: Any) -> None:
         self.table = AnswerTable(Config(datacenter=datacenter, node_name="mirror"))
         self.deltas: list[CatalogDelta] = []
         self.seen: dict[tuple[str, str], float] = {}  # (dc, service) -> perf_counter of its last delta
         up = UpstreamConfig(address=address, **{**FAST, **knobs})
         self.mirror = Mirror(up, local_datacenter=datacenter, on_delta=self._on_delta,
-                             on_stale=self.table.set_stale, max_stale=max_stale)
+                             on_stale=self.table.set_stale, max_stale=max_stale, seed=seed)
 
     def _on_delta(self, delta: CatalogDelta) -> None:
         now = time.perf_counter()
@@ -721,3 +721,31 @@ async def test_a_write_during_the_first_load_keeps_its_hint() -> None:
                 assert dc["sweeps"] == 0 and dc["service_reads"] < 60, dc
         finally:
             mirrormod._Datacenter._fetch = orig  # type: ignore[method-assign]
+
+
+async def test_a_seeded_mirror_reads_nothing_and_follows_every_later_write() -> None:
+    """A DNS worker's start: the mirror's first load comes from a snapshot of the store (a Seed,
+    pickled as the agent writes it), with no reads; its watches start from the snapshot's
+    indexes, so writes after it arrive hinted, and it ends equal to the store."""
+    import pickle
+
+    from dnsdisco.workers import seed_from_store
+
+    async with upstream() as up:
+        await register_varied(up, 0)
+        seed = pickle.loads(pickle.dumps(seed_from_store(up.store)))
+        # Written after the snapshot and before the mirror starts: must still arrive.
+        await up.put("/v1/catalog/register", {"Node": "late", "Address": "10.7.0.1", "Service": {
+            "ID": "late-1", "Service": "late", "Port": 81}})
+        async with Follower(up.base, seed=seed) as f:
+            assert await f.mirror.wait_synced(5)
+            dc = f.mirror.status()["datacenters"]["dc1"]
+            assert dc["seeded"] and dc["full_loads"] == 1 and dc["first_sync_seconds"] < 2
+            await until(lambda: f.answer("late.service.consul")[1] == {"10.7.0.1"}, what="late")
+            await register_varied(up, 1)
+            await up.put("/v1/agent/check/pass/web-a-ttl?note=seeded")
+            await same_as_upstream(f, up)
+            dc = f.mirror.status()["datacenters"]["dc1"]
+            # Only the services written since the snapshot were read: no sweep, no full read.
+            assert dc["sweeps"] == 0 and dc["all_checks_reads"] == 0
+            assert dc["service_reads"] < len(up.store.service_names())
