@@ -22,7 +22,18 @@ from dnsdisco.catalog.store import Store
 from dnsdisco.config import Config
 from dnsdisco.errors import CatalogError
 from dnsdisco.http import agent, catalog, kv, status
-from dnsdisco.http.query import CONFIG, HEALTH, RELOAD, STORE, Reload, TTLUpdater, error_response, json_response
+from dnsdisco.http.query import (
+    BODIES,
+    CONFIG,
+    HEALTH,
+    RELOAD,
+    STORE,
+    BodyCache,
+    Reload,
+    TTLUpdater,
+    error_response,
+    json_response,
+)
 from dnsdisco.http.status import READY, Ready
 from dnsdisco.metrics import CONTENT_TYPE, Metrics
 
@@ -118,6 +129,7 @@ def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload
     app[RELOAD] = reload
     app[METRICS] = metrics
     app[READY] = ready
+    app[BODIES] = BodyCache()
     for module in (agent, catalog, kv, status):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", _metrics)

@@ -18,9 +18,12 @@ from dnsdisco.catalog.store import Store, summarise_services
 from dnsdisco.errors import CatalogError
 from dnsdisco.http import shapes
 from dnsdisco.http.query import (
+    BODIES,
     STORE,
     Read,
     check_dc,
+    encode_json,
+    json_body_response,
     json_response,
     meta_matches,
     node_meta_filter,
@@ -203,6 +206,15 @@ async def health_service(request: web.Request) -> web.Response:
     passing = _passing(request)
     name = _path_name(request, "name", "Missing service name")
     read, index = await _blocking(request, f"health:{name.lower()}")
+    # What the body depends on besides the index: the name as asked (Service.Service echoes
+    # the stored spelling, but filters below read the query) and every option but the
+    # blocking and consistency ones.
+    key = (name.lower(), index, tuple(sorted((k, v) for k, v in request.query.items()
+                                             if k not in _NOT_IN_BODY)))
+    cache = request.app[BODIES]
+    body = cache.get(key)
+    if body is not None:
+        return json_body_response(body, headers=read.headers(index))
     tags = _tags(request)
     wanted = node_meta_filter(request)
     out = []
@@ -215,7 +227,13 @@ async def health_service(request: web.Request) -> web.Response:
             continue
         out.append({"Node": shapes.node(entry.node), "Service": shapes.node_service(entry.service),
                     "Checks": [shapes.check(c) for c in entry.checks]})
-    return json_response(request, out, headers=read.headers(index))
+    body = encode_json(request, out)
+    cache.put(key, body)
+    return json_body_response(body, headers=read.headers(index))
+
+
+# Query options that do not change a read's body (blocking, consistency, the token).
+_NOT_IN_BODY = frozenset(("index", "wait", "stale", "consistent", "cached", "token", "hash"))
 
 
 def _on_matching_node(store: Store, checks: list[Check], wanted: list[tuple[str, str]]) -> list[Check]:

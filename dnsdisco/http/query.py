@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ STORE = web.AppKey("store", Store)
 HEALTH = web.AppKey("health", TTLUpdater)
 CONFIG = web.AppKey("config", Config)
 RELOAD = web.AppKey("reload", object)  # Reload | None
+BODIES = web.AppKey("bodies", object)  # BodyCache
 
 # agent/config defaults: max_query_time and default_query_time.
 MAX_QUERY_TIME = 600.0
@@ -198,14 +200,52 @@ async def read_json(request: web.Request) -> Any:
 # -- replies -------------------------------------------------------------------------------------
 
 
+class BodyCache:
+    """Encoded bodies of reads whose answer is fixed by a topic index (``/v1/health/service``):
+    many watchers of one service, the DNS workers and a mirror's sweep ask for the same body at
+    the same index, and building it (shapes and JSON, ~40 µs per instance) costs more than the
+    rest of the request. Keyed by what the body depends on, including the index, so a write
+    simply makes new keys; the least recently used go past *max_bytes*."""
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._bodies: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...]) -> str | None:
+        body = self._bodies.get(key)
+        if body is not None:
+            self._bodies.move_to_end(key)
+        return body
+
+    def put(self, key: tuple[Any, ...], body: str) -> None:
+        if len(body) > self.max_bytes // 8:
+            return  # one huge service would push out everything else
+        old = self._bodies.pop(key, None)
+        if old is not None:
+            self.size -= len(old)
+        self._bodies[key] = body
+        self.size += len(body)
+        while self.size > self.max_bytes:
+            _, dropped = self._bodies.popitem(last=False)
+            self.size -= len(dropped)
+
+
+def encode_json(request: web.Request, data: Any) -> str:
+    """Minified JSON (``?pretty``: indented), as Consul's ``encoding/json`` writes it."""
+    if "pretty" in request.query:
+        return json.dumps(data, indent=4)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def json_body_response(body: str, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=body, status=status, content_type="application/json", headers=headers)
+
+
 def json_response(request: web.Request, data: Any, *, status: int = 200,
                   headers: dict[str, str] | None = None) -> web.Response:
     """Minified JSON (``?pretty``: indented), as Consul's ``encoding/json`` writes it."""
-    if "pretty" in request.query:
-        body = json.dumps(data, indent=4)
-    else:
-        body = json.dumps(data, separators=(",", ":"))
-    return web.Response(text=body, status=status, content_type="application/json", headers=headers)
+    return json_body_response(encode_json(request, data), status=status, headers=headers)
 
 
 def empty_response() -> web.Response:

@@ -665,3 +665,33 @@ async def test_services_by_node_meta_wakes_on_a_node_meta_change(http_agent):
     await mover
     # Woken by the node write (not the 5 s wait), and the answer follows the node's new meta.
     assert time.monotonic() - t0 < 3 and r.index > since and r.json() == {"redis": []}
+
+
+async def test_health_service_bodies_are_reused_only_while_nothing_changed(http_agent):
+    """/v1/health/service bodies are kept by (service, index, options): the same read again is
+    served from the cache, a write makes the next read fresh, and other options other bodies."""
+    await register(http_agent, {"Name": "api", "ID": "api-1", "Port": 80, "Tags": ["v1"]})
+    first = await http_agent.get("/v1/health/service/api")
+    again = await http_agent.get("/v1/health/service/api?stale")
+    assert again.text == first.text and again.index == first.index
+    assert (await http_agent.get("/v1/health/service/api?tag=v2")).json() == []  # not the cached body
+    await register(http_agent, {"Name": "api", "ID": "api-1", "Port": 81, "Tags": ["v1"]})
+    after = await http_agent.get("/v1/health/service/api")
+    assert after.index > first.index and after.json()[0]["Service"]["Port"] == 81
+
+
+def test_body_cache_is_bounded_and_keeps_the_recently_used():
+    from dnsdisco.http.query import BodyCache
+
+    cache = BodyCache(max_bytes=800)
+    for i in range(10):
+        cache.put(("s", i), "x" * 100)
+    assert cache.size <= 800 and cache.get(("s", 0)) is None and cache.get(("s", 9)) == "x" * 100
+    # Held: 2..9, oldest first. 3 is used again, so the next two evictions take 2 and 4.
+    cache.get(("s", 3))
+    cache.put(("s", 10), "x" * 100)
+    cache.put(("s", 11), "x" * 100)
+    assert cache.get(("s", 2)) is None and cache.get(("s", 4)) is None
+    assert cache.get(("s", 3)) is not None and cache.get(("s", 5)) is not None
+    cache.put(("big",), "x" * 500)  # over an eighth of the budget: never cached
+    assert cache.get(("big",)) is None
