@@ -732,12 +732,12 @@ class _UdpReader:
                         if tail is not None:
                             reply = data[:2] + tail
                             k = m.qtype << 24 | (tail[1] & 15) << 16 | len(reply)
-                            counts[k] = counts.get(k, 0) + 1
                             if rrl is not None:
                                 out = rrl.filter(addr[0], reply)
                                 if out is None:
-                                    continue
+                                    continue  # dropped: counted by the limiter, not as a reply
                                 reply = out
+                            counts[k] = counts.get(k, 0) + 1
                             try:
                                 sendto(reply, addr)
                             except (BlockingIOError, InterruptedError):
@@ -754,6 +754,7 @@ class _UdpReader:
                 if query is None:
                     stats.malformed += 1
                     continue
+                counted = 0  # the reply's counts key, counted once it is sent (not rate-limited)
                 if query.__class__ is bytes:
                     reply: bytes | None = query  # type: ignore[assignment]
                     stats.count("udp", "server", 0, reply)  # type: ignore[arg-type]
@@ -771,12 +772,13 @@ class _UdpReader:
                         if reply.__class__ is Chase and server.chase(query, reply, self._sender(addr), t0):  # type: ignore[arg-type]
                             t0 = 0.0  # the chasing task records the sample
                             continue
-                        key = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
-                        counts[key] = counts.get(key, 0) + 1
+                        counted = query.qtype << 24 | (reply[3] & 15) << 16 | len(reply)  # type: ignore[union-attr]
                 if rrl is not None:
                     reply = rrl.filter(addr[0], reply)  # type: ignore[arg-type]
                     if reply is None:
                         continue  # dropped by the rate limiter (counted there)
+                if counted:
+                    counts[counted] = counts.get(counted, 0) + 1
                 try:
                     sendto(reply, addr)
                 except (BlockingIOError, InterruptedError):

@@ -162,6 +162,11 @@ async def test_off_by_default_then_a_flood_is_limited_while_another_client_is_an
             - value(before, "dnsdisco_dns_rate_limited_total", action="slip")) == len(tc)
     assert (value(after, "dnsdisco_dns_dropped_total", reason="rate_limit")
             - value(before, "dnsdisco_dns_dropped_total", reason="rate_limit")) == dropped
+    # Replies counted are replies sent: the dropped ones are not among them (the TCP query and
+    # the other client's are; the slipped ones went out, truncated).
+    sent_replies = (value(after, "dnsdisco_dns_responses_total", rcode="NOERROR", source="catalog")
+                    - value(before, "dnsdisco_dns_responses_total", rcode="NOERROR", source="catalog"))
+    assert sent_replies == len(flooded) + asked + 1
 
     # A reload that turns it off again answers the flooder in full at once.
     (agent.conf_dir / "rrl.json").unlink()
