@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -580,13 +581,38 @@ def _build(m: dict[str, Any], *, files: tuple[str, ...], dirs: tuple[str, ...], 
     )
 
 
-def default_dns_workers() -> int:
+def default_dns_workers(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """``dns_workers`` when unset: the cores this process may run on (a ``taskset`` or cgroup
-    cpuset counts, as it should for a pinned benchmark), else every core."""
+    cpuset counts, as it should for a pinned benchmark), else every core; and no more than a
+    cgroup CPU quota allows (a container limited to 2 CPUs on a 64-core host gets 2 workers,
+    not 64, each holding a copy of the catalog)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs this process's cgroup may use (quota / period), or None without a limit: cgroup v2's
+    ``cpu.max`` ("max 100000" when unlimited), else v1's ``cpu.cfs_quota_us`` (-1 unlimited)."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, _, period = f.read().strip().partition(" ")
+        if quota == "max":
+            return None
+        return int(quota) / int(period or "100000")
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read().strip())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def decode_services(config: Config) -> list[tuple[Any, list[Any]]]:

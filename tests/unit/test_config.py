@@ -170,3 +170,21 @@ def test_bad_service_definition_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as exc:
         configmod.decode_services(cfg)
     assert path in str(exc.value) and "interval" in str(exc.value)
+
+
+def test_default_dns_workers_honours_a_cgroup_cpu_quota(tmp_path):
+    cores = configmod.default_dns_workers(str(tmp_path / "none"))  # no cgroup files: the cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # v2: 1.5 CPUs -> 2 workers at most
+    assert configmod.cgroup_cpu_quota(str(tmp_path)) == 1.5
+    assert configmod.default_dns_workers(str(tmp_path)) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one worker
+    assert configmod.default_dns_workers(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # unlimited
+    assert configmod.cgroup_cpu_quota(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert configmod.cgroup_cpu_quota(str(v1)) == 1.0 and configmod.default_dns_workers(str(v1)) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert configmod.cgroup_cpu_quota(str(v1)) is None
