@@ -198,8 +198,12 @@ class Agent:
         store = self.store
 
         def write_seed() -> str:
-            with open(seed_path, "wb") as f:
-                pickle.dump(seed_from_store(store), f, protocol=pickle.HIGHEST_PROTOCOL)
+            gc.disable()  # the snapshot's tuples and the pickler's memo: no cyclic GC passes
+            try:
+                with open(seed_path, "wb") as f:
+                    pickle.dump(seed_from_store(store), f, protocol=pickle.HIGHEST_PROTOCOL)
+            finally:
+                gc.enable()
             return seed_path
 
         try:
