@@ -353,9 +353,6 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mirror-sync-"))
     try:
         results = asyncio.run(main_async(args, procs, work))
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         procs.stop_all()
         if args.keep:

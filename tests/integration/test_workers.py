@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import dns.message
-import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
@@ -28,6 +27,9 @@ from dnsdisco import config as configmod
 from dnsdisco.app import Agent
 from dnsdisco.errors import ConfigError
 from dnsdisco.metrics import Metrics
+# query() opens a new socket per query: a new source port, so SO_REUSEPORT hashes queries over
+# the workers.
+from tests.integration.test_agent import query
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +40,6 @@ def load(**overrides: Any) -> configmod.Config:
     base: dict[str, Any] = {"node_name": "node1", "ports": {"http": 0, "dns": 0}, "dns_workers": 2}
     base.update(overrides)
     return configmod.load(overrides=base, dev=True)
-
-
-def query(port: int, name: str, rdtype: str = "A", *, tcp: bool = False) -> dns.message.Message:
-    # A new socket per query: a new source port, so SO_REUSEPORT hashes queries over the workers.
-    q = dns.message.make_query(name, rdtype)
-    if tcp:
-        return dns.query.tcp(q, "127.0.0.1", port=port, timeout=2)
-    return dns.query.udp(q, "127.0.0.1", port=port, timeout=2)
 
 
 def addresses(reply: dns.message.Message) -> set[str]:
