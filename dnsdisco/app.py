@@ -38,6 +38,7 @@ from dnsdisco.dns.server import DnsServer
 from dnsdisco.dns.table import AnswerTable
 from dnsdisco.errors import ConfigError
 from dnsdisco.forward import Forwarder
+from dnsdisco.heap import keep_frozen
 from dnsdisco.http.app import make_app, make_ops_app
 from dnsdisco.metrics import Metrics, SyncStatus, mirror_sync_status
 from dnsdisco.sync.mirror import DEFAULT_MAX_STALE, Mirror
@@ -233,14 +234,17 @@ class Agent:
         load_seconds = time.monotonic() - loading
         self.metrics.sync_status = lambda: SyncStatus(duration=load_seconds, last_success=time.time())
         # The catalog and its index are long-lived: move them out of the cyclic GC's reach,
-        # whose full passes over a 100k-instance heap otherwise stall queries for 100+ ms.
-        gc.freeze()
+        # whose full passes over a 100k-instance heap otherwise stall queries for 100+ ms -
+        # now and as registrations grow it (dnsdisco.heap).
+        catalog = self.metrics.catalog
+        self._freeze = asyncio.get_running_loop().create_task(keep_frozen(lambda: catalog.instances))
         await self.health.start()
 
     async def _freeze_after_sync(self) -> None:
         assert self.mirror is not None
         if await self.mirror.wait_synced():
-            gc.freeze()  # as in embedded mode, once the mirrored catalog is in memory
+            # As in embedded mode, once the mirrored catalog is in memory.
+            await keep_frozen(self.mirror.instance_count)
 
     def _ready(self) -> tuple[bool, str]:
         """``/ready``: 200 only once the catalog is loaded and DNS answers from it; in mirror

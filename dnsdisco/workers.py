@@ -625,6 +625,7 @@ async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket
     from dnsdisco.dns.server import DnsServer
     from dnsdisco.dns.table import AnswerTable
     from dnsdisco.forward import Forwarder
+    from dnsdisco.heap import keep_frozen
     from dnsdisco.sync.mirror import Mirror
 
     loop = asyncio.get_running_loop()
@@ -696,6 +697,7 @@ async def _serve(index: int, ctl: socket.socket, udp: socket.socket, tcp: socket
             await mirror.wait_synced()
         gc.freeze()  # as in the agent: the catalog is long-lived, keep it out of full GC passes
         send(("synced",))
+        await keep_frozen(mirror.instance_count)  # ... and so is what it grows by
 
     controller = loop.create_task(control())
     await mirror.start()

@@ -1117,6 +1117,10 @@ class Mirror:
             return False
         return True
 
+    def instance_count(self) -> int:
+        """Instances mirrored, over every datacenter (O(services))."""
+        return sum(len(v) for dc in self._dcs.values() for v in dc.entries.values())
+
     @property
     def datacenters(self) -> list[str]:
         return [dc.name for dc in self._dcs.values()]
