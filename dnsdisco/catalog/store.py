@@ -303,7 +303,8 @@ class Store:
         # service of n instances costs O(log n) plus a memmove, not a sort of all n.
         self._lists: dict[str, tuple[list[SKey], list[ServiceEntry]]] = {}
         self._list_of: dict[SKey, str] = {}  # instance key -> the name whose list holds it
-        self._services_cache: tuple[int, dict[str, list[str]]] | None = None
+        # (services index, service_names()' answer, lower name -> its spellings in it)
+        self._services_cache: tuple[int, dict[str, list[str]], dict[str, list[str]]] | None = None
         self._check_listeners: list[CheckListener] = []
         self._delta_listeners: list[DeltaListener] = []
         self._pending: set[asyncio.Future[BaseException | None]] = set()
@@ -490,12 +491,31 @@ class Store:
 
     def service_names(self) -> dict[str, list[str]]:
         """``/v1/catalog/services`` without filters: name -> deduplicated tags (sorted). The
-        result is cached until the service list changes; callers must not mutate it."""
+        result is cached until the service list changes, then brought up to date from the
+        names written since (O(names + their instances), not O(instances)); callers must not
+        mutate it."""
         idx = self.topic_index("services")
-        if self._services_cache is not None and self._services_cache[0] == idx:
-            return self._services_cache[1]
-        out = summarise_services(svc for svc, _ in self._state.services.values())
-        self._services_cache = (idx, out)
+        cache = self._services_cache
+        if cache is not None and cache[0] == idx:
+            return cache[1]
+        changed = None if cache is None else self.services_changed_since(cache[0], HINT_NAMES_MAX)
+        if cache is None or changed is None:
+            out = summarise_services(svc for svc, _ in self._state.services.values())
+            spellings: dict[str, list[str]] = {}
+            for name in out:
+                spellings.setdefault(name.lower(), []).append(name)
+        else:
+            # Copies: an older answer may still be on its way out.
+            out, spellings = dict(cache[1]), dict(cache[2])
+            for lname in changed:
+                for name in spellings.pop(lname, ()):
+                    del out[name]
+                now = self.service_tags(lname)
+                if now:
+                    spellings[lname] = list(now)
+                    out.update(now)
+            out = dict(sorted(out.items()))
+        self._services_cache = (idx, out, spellings)
         return out
 
     def service_tags(self, lname: str) -> dict[str, list[str]]:

@@ -508,3 +508,34 @@ async def test_a_failed_open_does_not_keep_the_database_locked(tmp_path):
     s = make_store(str(d))
     await s.open()
     await s.close()
+
+
+async def test_service_names_kept_up_to_date_from_the_names_written(store):
+    """catalog/services' summary is patched from the names written since the cached one; after
+    every kind of write it equals the summary built afresh from every instance."""
+    import random
+
+    from dnsdisco.catalog.store import summarise_services
+
+    rng = random.Random(7)
+    names = ["web", "Web", "db", "api", "cache"]
+    store.service_names()
+    for step in range(300):
+        node = f"n{rng.randrange(6)}"
+        op = rng.random()
+        if op < 0.6:
+            body = {"Node": node, "Address": "10.1.1.1", "SkipNodeUpdate": step > 10,
+                    "Service": {"ID": f"i{rng.randrange(12)}", "Service": rng.choice(names),
+                                "Tags": rng.sample(["a", "b", "c"], rng.randrange(3))}}
+            try:
+                await store.catalog_register(decode_register_request(body, datacenter="dc1"))
+            except CatalogError:
+                continue  # SkipNodeUpdate on a node not registered yet
+        elif op < 0.9:
+            await store.catalog_deregister(node, service_id=f"i{rng.randrange(12)}")
+        else:
+            await store.catalog_deregister(node)  # the node and all its services
+        if step % 3 == 0:
+            got = store.service_names()
+            assert got == summarise_services(store.services()), step
+            assert list(got) == sorted(got)
