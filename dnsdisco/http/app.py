@@ -21,14 +21,16 @@ from aiohttp.typedefs import Handler
 from dnsdisco.catalog.store import Store
 from dnsdisco.config import Config
 from dnsdisco.errors import CatalogError
-from dnsdisco.http import agent, catalog, kv, status
+from dnsdisco.http import agent, catalog, kv, shapes, status
 from dnsdisco.http.query import (
     BODIES,
+    CHECK_JSON,
     CONFIG,
     HEALTH,
     RELOAD,
     STORE,
     BodyCache,
+    ItemJson,
     Reload,
     TTLUpdater,
     error_response,
@@ -130,6 +132,7 @@ def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload
     app[METRICS] = metrics
     app[READY] = ready
     app[BODIES] = BodyCache()
+    app[CHECK_JSON] = ItemJson(shapes.check, lambda c: (c.node, c.check_id))
     for module in (agent, catalog, kv, status):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", _metrics)

@@ -9,6 +9,7 @@ nodes ``null``, both 200 with an index, as Consul does.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -19,6 +20,7 @@ from dnsdisco.errors import CatalogError
 from dnsdisco.http import shapes
 from dnsdisco.http.query import (
     BODIES,
+    CHECK_JSON,
     STORE,
     Read,
     check_dc,
@@ -141,16 +143,29 @@ async def service(request: web.Request) -> web.Response:
     return json_response(request, out, headers=read.headers(index))
 
 
+def _body_key(request: web.Request, *what: Any) -> tuple[Any, ...]:
+    """The BodyCache key of a read: *what* (the endpoint, the lower name, the topic index)
+    and every query option but the blocking and consistency ones."""
+    return (*what, tuple(sorted((k, v) for k, v in request.query.items() if k not in _NOT_IN_BODY)))
+
+
 async def _node(request: web.Request, *, as_list: bool) -> web.Response:
     name = _path_name(request, "node", "Missing node name")
     read, index = await _blocking(request, f"node:{name.lower()}")
-    store = request.app[STORE]
-    n = store.node(name)
-    out = None  # an unknown node is a 200 with null: py-consul returns None
-    if n is not None:
-        listed = [shapes.node_service(s) for s in store.node_services(name)]
-        out = {"Node": shapes.node(n), "Services": listed if as_list else {s["ID"]: s for s in listed}}
-    return json_response(request, out, headers=read.headers(index))
+    # A mirror's sweep reads every node's services: most are as they were at this index.
+    key = _body_key(request, "node-services" if as_list else "node", name.lower(), index)
+    cache = request.app[BODIES]
+    body = cache.get(key)
+    if body is None:
+        store = request.app[STORE]
+        n = store.node(name)
+        out = None  # an unknown node is a 200 with null: py-consul returns None
+        if n is not None:
+            listed = [shapes.node_service(s) for s in store.node_services(name)]
+            out = {"Node": shapes.node(n), "Services": listed if as_list else {s["ID"]: s for s in listed}}
+        body = encode_json(request, out)
+        cache.put(key, body)
+    return json_body_response(body, headers=read.headers(index))
 
 
 @routes.get("/v1/catalog/node/{node:.*}")
@@ -209,8 +224,7 @@ async def health_service(request: web.Request) -> web.Response:
     # What the body depends on besides the index: the name as asked (Service.Service echoes
     # the stored spelling, but filters below read the query) and every option but the
     # blocking and consistency ones.
-    key = (name.lower(), index, tuple(sorted((k, v) for k, v in request.query.items()
-                                             if k not in _NOT_IN_BODY)))
+    key = _body_key(request, "health", name.lower(), index)
     cache = request.app[BODIES]
     body = cache.get(key)
     if body is not None:
@@ -253,7 +267,7 @@ async def health_checks(request: web.Request) -> web.Response:
     read, index = await _blocking(request, f"health:{name.lower()}")
     store = request.app[STORE]
     chosen = _on_matching_node(store, store.service_checks(name), node_meta_filter(request))
-    return json_response(request, [shapes.check(c) for c in chosen], headers=read.headers(index))
+    return json_body_response(request.app[CHECK_JSON].body(request, chosen), headers=read.headers(index))
 
 
 @routes.get("/v1/health/state/{state:.*}")
@@ -273,13 +287,17 @@ async def health_state(request: web.Request) -> web.Response:
         chosen = store.checks_in_state(state)
     else:
         chosen = []  # Consul answers an unknown state with nothing, not an error
-    chosen = _on_matching_node(store, chosen, node_meta_filter(request))
-    return json_response(request, [shapes.check(c) for c in chosen], headers=headers)
+    wanted = node_meta_filter(request)
+    chosen = _on_matching_node(store, chosen, wanted)
+    # Every check, read again after each check write (a mirror's catch-up, exporters): each
+    # check's JSON is reused while it is unchanged; a read of all of them drops the rest.
+    body = request.app[CHECK_JSON].body(request, chosen, prune=state == "any" and not wanted)
+    return json_body_response(body, headers=headers)
 
 
 @routes.get("/v1/health/node/{node:.*}")
 async def health_node(request: web.Request) -> web.Response:
     name = _path_name(request, "node", "Missing node name")
     read, index = await _blocking(request, f"nodechecks:{name.lower()}")
-    return json_response(request, [shapes.check(c) for c in request.app[STORE].node_checks(name)],
-                         headers=read.headers(index))
+    body = request.app[CHECK_JSON].body(request, request.app[STORE].node_checks(name))
+    return json_body_response(body, headers=read.headers(index))

@@ -38,6 +38,7 @@ HEALTH = web.AppKey("health", TTLUpdater)
 CONFIG = web.AppKey("config", Config)
 RELOAD = web.AppKey("reload", object)  # Reload | None
 BODIES = web.AppKey("bodies", object)  # BodyCache
+CHECK_JSON = web.AppKey("check_json", object)  # ItemJson of checks
 
 # agent/config defaults: max_query_time and default_query_time.
 MAX_QUERY_TIME = 600.0
@@ -229,6 +230,44 @@ class BodyCache:
         while self.size > self.max_bytes:
             _, dropped = self._bodies.popitem(last=False)
             self.size -= len(dropped)
+
+
+class ItemJson:
+    """The minified JSON of each immutable model value (a ``Check``) of lists that are read
+    whole and change an item at a time (``/v1/health/state/any``: every check, re-read after
+    any check write). A list's body is its items' cached JSON joined, so a read costs a lookup
+    per item, not shapes and encoding (~20 µs each: 20,000 checks took 0.45 s, the server
+    deaf meanwhile). An entry is used only while it was made from the very object listed (the
+    store replaces a value on every write); *prune* reads (whole lists) drop entries not listed,
+    and the table never holds more than *limit* entries."""
+
+    def __init__(self, shape: Callable[[Any], Any], key: Callable[[Any], Any], limit: int = 1 << 20) -> None:
+        self._shape = shape
+        self._key = key
+        self.limit = limit
+        self._items: dict[Any, tuple[Any, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def body(self, request: web.Request, items: list[Any], *, prune: bool = False) -> str:
+        if "pretty" in request.query:
+            return encode_json(request, [self._shape(v) for v in items])
+        cache = self._items
+        keep: dict[Any, tuple[Any, str]] = {} if prune else cache
+        parts = []
+        for v in items:
+            k = self._key(v)
+            hit = cache.get(k)
+            if hit is None or hit[0] is not v:
+                hit = (v, json.dumps(self._shape(v), separators=(",", ":")))
+            keep[k] = hit
+            parts.append(hit[1])
+        if prune:
+            self._items = keep
+        elif len(cache) > self.limit:
+            cache.clear()
+        return "[" + ",".join(parts) + "]"
 
 
 def encode_json(request: web.Request, data: Any) -> str:

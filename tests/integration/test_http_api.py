@@ -695,3 +695,47 @@ def test_body_cache_is_bounded_and_keeps_the_recently_used():
     assert cache.get(("s", 3)) is not None and cache.get(("s", 5)) is not None
     cache.put(("big",), "x" * 500)  # over an eighth of the budget: never cached
     assert cache.get(("big",)) is None
+
+
+async def test_check_lists_reuse_each_checks_json_until_it_changes(http_agent):
+    """/v1/health/state/any is built from each check's cached JSON: the body is what encoding
+    the list afresh gives, a check write shows at once, and ?pretty is still indented."""
+    await register(http_agent, {"Name": "api", "ID": "api-1", "Port": 80,
+                                "Check": {"CheckID": "api-ttl", "TTL": "30s", "Status": "passing"}})
+    await register(http_agent, {"Name": "db", "ID": "db-1", "Port": 5432,
+                                "Check": {"CheckID": "db-ttl", "TTL": "30s", "Status": "passing"}})
+    first = await http_agent.get("/v1/health/state/any")
+    pretty = await http_agent.get("/v1/health/state/any?pretty")
+    assert json.loads(pretty.text) == first.json() and "\n    " in pretty.text
+    assert first.text == json.dumps(first.json(), separators=(",", ":"))
+    r = await http_agent.put("/v1/agent/check/fail/db-ttl?note=down")
+    assert r.status == 200
+    after = (await http_agent.get("/v1/health/state/any")).json()
+    by_id = {c["CheckID"]: c for c in after}
+    assert by_id["db-ttl"]["Status"] == "critical" and by_id["db-ttl"]["Output"] == "down"
+    assert by_id["api-ttl"] == {c["CheckID"]: c for c in first.json()}["api-ttl"]
+    assert [c["CheckID"] for c in (await http_agent.get("/v1/health/state/critical")).json()] == ["db-ttl"]
+    assert [c["CheckID"] for c in (await http_agent.get("/v1/health/checks/db")).json()] == ["db-ttl"]
+
+
+def test_item_json_reuses_an_items_json_only_for_the_same_object():
+    from types import SimpleNamespace
+
+    from dnsdisco.http.query import ItemJson
+
+    calls = []
+
+    def shape(v):
+        calls.append(v.k)
+        return {"K": v.k, "V": v.v}
+
+    enc = ItemJson(shape, lambda v: v.k, limit=3)
+    req = SimpleNamespace(query={})
+    a, b = SimpleNamespace(k="a", v=1), SimpleNamespace(k="b", v=2)
+    assert enc.body(req, [a, b], prune=True) == '[{"K":"a","V":1},{"K":"b","V":2}]'
+    assert enc.body(req, [a, b]) == '[{"K":"a","V":1},{"K":"b","V":2}]' and calls == ["a", "b"]
+    b2 = SimpleNamespace(k="b", v=3)  # a new value under the same key is encoded afresh
+    assert enc.body(req, [a, b2], prune=True) == '[{"K":"a","V":1},{"K":"b","V":3}]' and calls[-1] == "b"
+    assert enc.body(req, [a], prune=True) == '[{"K":"a","V":1}]' and len(enc) == 1
+    enc.body(req, [SimpleNamespace(k=str(i), v=i) for i in range(5)])  # past the limit: emptied
+    assert len(enc) == 0
