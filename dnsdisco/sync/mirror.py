@@ -23,16 +23,21 @@ without another request; a check that leaves both lists (passing again, or gone)
 ``/v1/health/node/<node>``. A services move is attributed to the services it touched - new
 names, changed tags, services whose checks or node were written in the same Raft write (same
 index) - and only those are read with ``/v1/health/service/<name>``. If nothing seen explains it
-(a deregistration, an instance registered with passing checks), the check lists get ``settle``
-seconds to report the same write, then one read of ``/v1/health/state/any`` usually explains
-it (only when checks were written with it: otherwise it cannot); if not even that (an instance without checks changed its
-port, say), every service is re-read ("sweep"), without decoding those whose ``X-Consul-Index``
-did not move. A dnsdisco upstream (the embedded catalog, which the DNS workers follow) names the services
+(a deregistration, an instance registered with passing checks or none, an instance without checks
+whose port changed), the check lists get up to ``settle`` seconds to report the same write while
+a sweep runs: every node's services are read (``/v1/catalog/node-services/<node>``; a body
+byte for byte the one that last agreed with the mirror is not decoded) and the services whose
+instances differ (new, gone, another ModifyIndex) are read. When there are fewer services than
+nodes (or the upstream predates that endpoint) the sweep re-reads every service instead,
+without decoding those whose ``X-Consul-Index`` did not move, and a read of
+``/v1/health/state/any`` is tried first when checks were written with the change. A node new
+to the nodes list has its services read at once: an instance registered with its node is found
+without a sweep. A dnsdisco upstream (the embedded catalog, which the DNS workers follow) names the services
 written since the index the services watch sent (``X-Dnsdisco-Changed-Services``, asked for
 with ``upstream.change_hints``): those are read and nothing needs attributing, so no wait, no
 ``state/any`` and no sweep. Passing-only check writes (a new output) do not matter to DNS and are caught up by
 a rate-limited ``state/any`` read; ``resync_interval`` re-reads everything as a safety net for
-writes merged into one wake. Per-service reads run in a pool of ``fetch_concurrency`` workers,
+writes merged into one wake. Service and node reads run in a pool of ``fetch_concurrency`` workers,
 so the connections held open are ``4 x datacenters + fetch_concurrency`` (+1 to list
 datacenters) whatever the catalog's size.
 
@@ -80,6 +85,8 @@ SETTLE = 0.2
 CATCH_UP_INTERVAL = 1.0
 # During a long sweep, deltas go out at least this often rather than all at the end.
 FLUSH_EVERY = 0.1
+# A read of every check is folded in this many rows at a time, the event loop free in between.
+FOLD_CHUNK = 2000
 # How often ``datacenters: ["*"]`` re-reads /v1/catalog/datacenters (it cannot block).
 DATACENTER_REFRESH = 60.0
 # What each datacenter watches: between them they move on every change DNS answers depend on,
@@ -215,7 +222,12 @@ class _Datacenter:
         self.entries: dict[str, tuple[ServiceEntry, ...]] = {}
         self.svc_index: dict[str, int] = {}  # lower name -> X-Consul-Index of its last read
         self.by_node: dict[str, dict[str, int]] = {}  # lower node -> lower name -> instances
-        self.instances: dict[tuple[str, str], str] = {}  # (lower node, service ID) -> lower name
+        # lower node -> service ID -> (lower name, the instance's ModifyIndex)
+        self.instances: dict[str, dict[str, tuple[str, int]]] = {}
+        self._node_digests: dict[str, bytes] = {}  # lower node -> digest of its last services read
+        self._new_nodes: list[str] = []  # nodes the nodes list added since the last round
+        self._hinting = False  # the last services reply named what it changed (a dnsdisco upstream)
+        self._node_sweeps = True  # cleared if the upstream lacks /v1/catalog/node-services
         # Every check we know of (from service reads, the lists, state/any), by version.
         self.check_rows: dict[CheckKey, _CheckRow] = {}
         # The latest rows of the critical and warning lists: together, the non-passing checks.
@@ -246,6 +258,7 @@ class _Datacenter:
         # Numbers for status().
         self.full_loads = 0
         self.sweeps = 0
+        self.node_sweeps = 0  # of which along nodes
         self.fetches = 0
         self.any_reads = 0
         self.hinted = 0
@@ -334,7 +347,7 @@ class _Datacenter:
                 self.mirror.call_later(backoff.next(), self._wake.set)
             else:
                 backoff.reset()
-                if self._dirty:
+                if self._dirty or self._new_nodes:
                     # Reads failed in this round: try them again after a pause, not at once.
                     self.mirror.call_later(backoff.next(), self._wake.set)
 
@@ -361,7 +374,7 @@ class _Datacenter:
             await self._full_load()
             return
         await self._take_nodes_and_checks()
-        self._take_catch_up()
+        await self._take_catch_up()
         # Node and check patches go out now, not after the service reads below.
         self._flush()
         fetched: set[str] = set()
@@ -393,7 +406,8 @@ class _Datacenter:
         if resync > 0 and now >= self._resync_at:
             self._resync_at = now + resync
             await self._read_all_checks()
-            await self._sweep(exclude=fetched, why="periodic resync")
+            # Along services: it is the safety net, so it trusts no digest of an earlier read.
+            await self._sweep(exclude=fetched, why="periodic resync", by_node=False)
         self._flush()
         if self._unknown:
             self._wake.set()
@@ -421,7 +435,7 @@ class _Datacenter:
         self._tasks.append(self._catch_up)
         self._catch_up.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
-    def _take_catch_up(self) -> None:
+    async def _take_catch_up(self) -> None:
         """Fold in a background read of every check - only if nothing moved while it was on its
         way (an older list must not undo what the watches brought since); else ask again."""
         item, self._caught_up = self._caught_up, None
@@ -431,12 +445,14 @@ class _Datacenter:
         if (self.index, self.full_loads) != started_at:
             self._checks_behind = True
             return
-        self._fold_all_checks(body, index)
+        await self._fold_all_checks(body, index)
 
     async def _take_nodes_and_checks(self) -> None:
         item = self._take("nodes")
         if item is not None:
             self._apply_nodes(*item)
+        if self._new_nodes:
+            await self._read_new_nodes()
         crit, warn = self._take("critical"), self._take("warning")
         if crit is not None or warn is not None:
             await self._apply_nonpassing(crit, warn)
@@ -486,6 +502,8 @@ class _Datacenter:
         self.svc_index = {}
         self.by_node = {}
         self.instances = {}
+        self._node_digests.clear()
+        self._new_nodes.clear()
         todo = dict(self.url_names)
         if seed is not None:
             for lname in todo:
@@ -565,8 +583,11 @@ class _Datacenter:
         return changed, removed
 
     def _apply_nodes(self, body: Any, meta: QueryMeta) -> None:
+        before = set(self.nodes)
         changed, removed = self._digest_nodes(body)
         for node in changed:
+            if node.name not in before and not self._hinting:
+                self._new_nodes.append(node.name)
             self._out_nodes[node.name] = node
             nl = node.name.lower()
             for lname in list(self.by_node.get(nl, ())):
@@ -643,7 +664,7 @@ class _Datacenter:
         self.check_rows[(nl, check.check_id)] = _CheckRow(
             (check.create_index, check.modify_index), check.service_id, check.service_name)
         if check.service_id:
-            lname = self.instances.get((nl, check.service_id))
+            lname = self._service_of(nl, check.service_id)
             if lname is None:
                 # A check on an instance we do not have: the instance is new (or this is the
                 # first we hear of it). Read its service.
@@ -662,7 +683,7 @@ class _Datacenter:
             return
         nl, cid = key
         if row.service_id:
-            lname = self.instances.get((nl, row.service_id))
+            lname = self._service_of(nl, row.service_id)
             if lname is not None:
                 self._patch_instance(lname, nl, row.service_id, cid, None)
                 # A vanished check often means its instance went too (deregistration).
@@ -696,14 +717,18 @@ class _Datacenter:
     async def _read_all_checks(self) -> None:
         """Read ``/v1/health/state/any`` (every check) and fold in what differs."""
         resp = await self.mirror.client.get("/v1/health/state/any", dc=self.query_dc)
-        self._fold_all_checks(resp.data, resp.meta.index)
+        await self._fold_all_checks(resp.data, resp.meta.index)
 
-    def _fold_all_checks(self, body: Any, index: int) -> None:
+    async def _fold_all_checks(self, body: Any, index: int) -> None:
         self.any_reads += 1
         if not isinstance(body, list):
             raise UpstreamError("health/state/any: expected a list")
         seen: set[CheckKey] = set()
-        for row in body:
+        for i, row in enumerate(body):
+            if i % FOLD_CHUNK == FOLD_CHUNK - 1:
+                # Tens of thousands of rows: let DNS in between (nothing else changes the
+                # mirrored state outside this round meanwhile).
+                await asyncio.sleep(0)
             ident = _row_key(row)
             if ident is None:
                 continue
@@ -740,6 +765,7 @@ class _Datacenter:
         names = parse_services(body)
         for n in names:
             self.url_names.setdefault(n.lower(), n)
+        self._hinting = meta.changed is not None
         if meta.delta and meta.changed is not None:
             # Only the hinted names' entries (dnsdisco's services delta): a hinted name absent
             # from the body has no instance left. O(change), not O(services).
@@ -791,20 +817,33 @@ class _Datacenter:
             self._forget_events(index)
             return fetched
         # Nothing seen yet explains this write. The other watches race with this one for the
-        # same write: give them a moment to report it, then look again.
-        await self._settle(index)
-        if not self._try_explain(index, fetched) and self._any_index < index <= self._checks_index:
-            # Still nothing, but checks were written too: the write touched no non-passing
-            # check (a deregistration, a registration with passing checks). One read of every
-            # check attributes it far more cheaply than re-reading every service. (When the
-            # checks index stayed below, no check was written with it: that read cannot help.)
-            await self._read_all_checks()
-        more = {k: v for k, v in self._candidates(index).items() if k not in fetched}
-        fetched.update(more)
-        await self._fetch(more, skip=False)
-        if not self._explained(index, fetched):
-            await self._sweep(exclude=fetched, why=f"unexplained services index {index}")
-            fetched.update(self.entries)
+        # same write: give them a moment to report it, then look again. A sweep by node starts
+        # meanwhile (it only reads until it is awaited, so it is simply dropped if the lists
+        # explain the write): a write without checks never shows in those lists, and would
+        # otherwise wait out the whole settle before its sweep began.
+        scan = asyncio.create_task(self._sweep_nodes()) if self._by_node(len(self.tags)) else None
+        try:
+            await self._settle(index, scan)
+            if (scan is None and not self._try_explain(index, fetched)
+                    and self._any_index < index <= self._checks_index):
+                # Still nothing, but checks were written too: the write touched no non-passing
+                # check (a deregistration, a registration with passing checks). One read of
+                # every check attributes it far more cheaply than re-reading every service.
+                # (When the checks index stayed below, no check was written with it: that read
+                # cannot help. A sweep by node is about as cheap, and unlike that one long read
+                # it leaves the event loop to DNS between its small ones.)
+                await self._read_all_checks()
+            more = {k: v for k, v in self._candidates(index).items() if k not in fetched}
+            fetched.update(more)
+            await self._fetch(more, skip=False)
+            if not self._explained(index, fetched):
+                pending, scan = scan, None
+                await self._sweep(exclude=fetched, why=f"unexplained services index {index}", scan=pending)
+                fetched.update(self.entries)
+        finally:
+            if scan is not None:
+                scan.cancel()
+                await asyncio.gather(scan, return_exceptions=True)
         self._forget_events(index)
         return fetched
 
@@ -813,6 +852,11 @@ class _Datacenter:
 
     def _url_name(self, lname: str) -> str:
         return self.url_names.get(lname, lname)
+
+    def _service_of(self, nl: str, service_id: str) -> str | None:
+        """The lower name of the mirrored instance *service_id* on node *nl*, if there is one."""
+        got = self.instances.get(nl, {}).get(service_id)
+        return None if got is None else got[0]
 
     def _candidates(self, index: int) -> dict[str, str]:
         """Services a services write at *index* may have touched, by what the other watches saw:
@@ -836,28 +880,157 @@ class _Datacenter:
     def _forget_events(self, index: int) -> None:
         self._events = {k: i for k, i in self._events.items() if i > index}
 
-    async def _settle(self, index: int) -> None:
+    async def _settle(self, index: int, scan: asyncio.Task[Any] | None = None) -> None:
         """Give the check lists' replies for write *index* a moment (``settle``) to arrive:
-        they race with the services reply. Ends as soon as both reached *index*. (The nodes
-        list is not waited for: a node written along with a service is a new one, with no
-        mirrored instances to point at.)"""
+        they race with the services reply. Ends as soon as both reached *index*, or *scan* (a
+        sweep by node) is done, which has found the change itself. (The nodes list is not
+        waited for: a node written along with a service is a new one, read on its own when
+        the nodes list brings it.)"""
         deadline = self.mirror.clock() + self.mirror.settle
         lists = [self.watches[k] for k in ("critical", "warning")]
-        while any(w.index < index for w in lists) and self.mirror.clock() < deadline:
+        while (any(w.index < index for w in lists) and self.mirror.clock() < deadline
+               and (scan is None or not scan.done())):
             await asyncio.sleep(0.002)
         await self._take_nodes_and_checks()
 
-    async def _sweep(self, *, exclude: Iterable[str], why: str) -> None:
-        """Re-read every service but *exclude*; those whose index did not move are not decoded."""
+    async def _sweep(self, *, exclude: Iterable[str], why: str, by_node: bool = True,
+                     scan: asyncio.Task[dict[str, str] | None] | None = None) -> None:
+        """Find what changed by re-reading everything, along the shorter axis: every node's
+        services (*by_node*, when there are fewer nodes than services; *scan* is such a read
+        already under way), or every service but *exclude* (those whose index did not move
+        are not decoded)."""
         skip = set(exclude)
         todo = {k: self._url_name(k) for k in {*self.tags, *self.entries} if k not in skip}
         if not todo:
+            if scan is not None:
+                scan.cancel()
+                await asyncio.gather(scan, return_exceptions=True)
             return
         self.sweeps += 1
         started = self.mirror.clock()
+        if scan is not None or (by_node and self._by_node(len(todo))):
+            found = await (scan if scan is not None else self._sweep_nodes())
+            if found is not None:
+                self.node_sweeps += 1
+                await self._fetch(found, skip=False)
+                log.debug("%s: swept %d nodes (%s) in %.2fs: %d services changed", self.name,
+                          len(self.nodes), why, self.mirror.clock() - started, len(found))
+                return
         await self._fetch(todo, skip=True)
         log.debug("%s: swept %d services (%s) in %.2fs", self.name, len(todo), why,
                   self.mirror.clock() - started)
+
+    def _by_node(self, services: int) -> bool:
+        """Whether a sweep reads nodes rather than *services* services: fewer requests."""
+        return self._node_sweeps and 0 < len(self.nodes) < services
+
+    async def _sweep_nodes(self) -> dict[str, str] | None:
+        """Read every node's services (``/v1/catalog/node-services/<node>``) and return the
+        services whose instances differ from the mirror's; None if the upstream cannot (Consul
+        before 1.7). A node whose body is byte for byte the one last found in agreement is not
+        decoded. Services on nodes that could not be read are queued for a re-read."""
+        names = {n.lower(): n for n in self.nodes}
+        names.update((nl, nl) for nl in self.instances if nl not in names)
+        found, failed = await self._scan_nodes(list(names.values()))
+        if found is None:
+            return None
+        for nl in failed:
+            self._dirty.update((k, self._url_name(k)) for k in self.by_node.get(nl, ()))
+        return found
+
+    async def _read_new_nodes(self) -> None:
+        """A node new to the nodes list may bring instances of services already mirrored,
+        registered with it in one write; Consul's ``catalog/services`` moves without saying
+        which service, and the services sweep may run before the node is known. Reading the
+        new node's services names them directly."""
+        names, self._new_nodes = self._new_nodes, []
+        found, failed = await self._scan_nodes(names)
+        if found is not None:
+            self._unknown.update(found)
+            self._new_nodes.extend(failed)
+
+    async def _scan_nodes(self, names: list[str]) -> tuple[dict[str, str] | None, list[str]]:
+        """Read the services of every node in *names* (node names, any case) with the read
+        pool; return (lower name -> URL name of the services whose instances there differ from
+        the mirror's, or None if the endpoint is missing; the lower names of nodes whose read
+        failed)."""
+        found: dict[str, str] = {}
+        failed: list[str] = []
+        queue = list(reversed(names))
+        client = self.mirror.client
+        slots = self.mirror.fetch_slots
+        missing = False
+
+        async def worker() -> None:
+            nonlocal missing
+            while queue and not missing:
+                name = queue.pop()
+                nl = name.lower()
+                try:
+                    async with slots:
+                        resp = await client.get(client.url("/v1/catalog/node-services") / name,
+                                                dc=self.query_dc, digest=True,
+                                                skip_digest=self._node_digests.get(nl))
+                except UpstreamError as e:
+                    if e.status == 404:
+                        missing = True
+                    else:
+                        failed.append(nl)
+                        self.last_error = str(e)
+                    continue
+                self.node_reads += 1
+                if resp.data is None and resp.digest is not None:
+                    continue  # the same body as when it last agreed with the mirror
+                try:
+                    changed = self._node_changes(nl, resp.data)
+                except UpstreamError as e:
+                    failed.append(nl)
+                    self.last_error = str(e)
+                    continue
+                if changed:
+                    # Its digest is kept only once a later read agrees: the services read
+                    # next may come from a server further behind (?stale) than this one.
+                    self._node_digests.pop(nl, None)
+                    found.update(changed)
+                elif resp.digest is not None:
+                    self._node_digests[nl] = resp.digest
+
+        workers = min(len(queue), self.mirror.upstream.fetch_concurrency)
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        if missing:
+            log.warning("%s: the upstream has no /v1/catalog/node-services (Consul < 1.7): sweeps "
+                        "re-read every service instead", self.name)
+            self._node_sweeps = False
+            return None, []
+        return found, failed
+
+    def _node_changes(self, nl: str, body: Any) -> dict[str, str]:
+        """The services (lower name -> URL name) whose instances on node *nl*, as a
+        ``node-services`` body lists them (``null``: no such node), differ from the mirror's:
+        new, gone, renamed, or with another ModifyIndex."""
+        services = body.get("Services") if isinstance(body, dict) else None
+        if body is not None and not isinstance(body, dict):
+            raise UpstreamError("catalog/node-services: expected an object")
+        have = self.instances.get(nl, {})
+        out: dict[str, str] = {}
+        seen: set[str] = set()
+        for row in services if isinstance(services, list) else ():
+            if not isinstance(row, dict):
+                continue
+            sid, name = row.get("ID"), row.get("Service")
+            if not isinstance(sid, str) or not isinstance(name, str) or not name:
+                continue
+            seen.add(sid)
+            lname = name.lower()
+            known = have.get(sid)
+            if known is None or known != (lname, row.get("ModifyIndex") or 0):
+                out[lname] = name
+                if known is not None and known[0] != lname:
+                    out[known[0]] = self._url_name(known[0])
+        for sid, (lname, _) in have.items():
+            if sid not in seen:
+                out[lname] = self._url_name(lname)
+        return out
 
     # -- reading services ---------------------------------------------------------------------------
 
@@ -909,10 +1082,21 @@ class _Datacenter:
         old = self.entries.get(lname, ())
         if old == entries:
             return
+        instances = self.instances
+        rows = self.check_rows
         for e in old:
             nl = e.node.name.lower()
-            if self.instances.get((nl, e.service.id)) == lname:
-                del self.instances[(nl, e.service.id)]
+            on_node = instances.get(nl)
+            if on_node is not None and on_node.get(e.service.id, ("",))[0] == lname:
+                del on_node[e.service.id]
+                if not on_node:
+                    del instances[nl]
+                # Its own checks go with it (a deregistration found by a sweep reads no check
+                # list); those still there come back with the new entries below.
+                for c in e.checks:
+                    row = rows.get((nl, c.check_id))
+                    if c.service_id and row is not None and row.service_id == e.service.id:
+                        del rows[(nl, c.check_id)]
             counts = self.by_node.get(nl)
             if counts is not None:
                 left = counts.get(lname, 0) - 1
@@ -922,14 +1106,14 @@ class _Datacenter:
                     counts.pop(lname, None)
                     if not counts:
                         del self.by_node[nl]
-        rows = self.check_rows
         for e in entries:
             nl = e.node.name.lower()
-            other = self.instances.get((nl, e.service.id))
-            if other is not None and other != lname:
+            on_node = instances.setdefault(nl, {})
+            other = on_node.get(e.service.id)
+            if other is not None and other[0] != lname:
                 # The instance was renamed: the service it left still lists it until re-read.
-                self._unknown[other] = self._url_name(other)
-            self.instances[(nl, e.service.id)] = lname
+                self._unknown[other[0]] = self._url_name(other[0])
+            on_node[e.service.id] = (lname, e.service.modify_index)
             counts = self.by_node.setdefault(nl, {})
             counts[lname] = counts.get(lname, 0) + 1
             for c in e.checks:
@@ -971,6 +1155,7 @@ class _Datacenter:
             "first_sync_seconds": self.first_sync_seconds,
             "full_loads": self.full_loads,
             "sweeps": self.sweeps,
+            "node_sweeps": self.node_sweeps,
             "service_reads": self.fetches,
             "node_reads": self.node_reads,
             "all_checks_reads": self.any_reads,

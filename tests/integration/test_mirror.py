@@ -446,8 +446,9 @@ class Federation:
     small router sending each request to the stand-in of its ``?dc=`` (default: the first).
     Records what the mirror asked, to check the protocol on the wire."""
 
-    def __init__(self, dcs: dict[str, Upstream]) -> None:
+    def __init__(self, dcs: dict[str, Upstream], *, missing: tuple[str, ...] = ()) -> None:
         self.dcs = dcs
+        self.missing = missing  # path prefixes answered 404, as a Consul that predates them
         self.local = next(iter(dcs))
         self.requests: list[tuple[str, dict[str, str], str | None]] = []
         self._runner: web.AppRunner | None = None
@@ -459,6 +460,8 @@ class Federation:
         self.requests.append((request.path, dict(query), request.headers.get("X-Consul-Token")))
         if request.path == "/v1/catalog/datacenters":
             return web.json_response(list(self.dcs))
+        if request.path.startswith(self.missing):
+            return web.Response(status=404, text="404 page not found")
         dc = query.pop("dc", self.local)
         target = self.dcs.get(dc)
         if target is None:
@@ -686,6 +689,65 @@ async def test_every_kind_of_change_shows_at_500_services(hints: bool) -> None:
                 assert dc["hinted_services_moves"] == 0 and dc["services_deltas"] == 0 and dc["sweeps"] >= 1
             print(f"\n500 services, hints={hints}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in taken.items())
                   + f"; sweeps {dc['sweeps']}, state/any reads {dc['all_checks_reads']}")
+
+
+@pytest.mark.parametrize("node_services", [True, False], ids=["by-node", "consul-before-1.7"])
+async def test_consul_rules_sweep_along_nodes_or_services(node_services: bool) -> None:
+    """Followed by Consul's rules only (the router below passes no dnsdisco header), a write
+    nothing names is found by a sweep: along nodes when there are fewer nodes than services
+    (``/v1/catalog/node-services``, one read per node; unchanged bodies are not decoded), along
+    services when the upstream lacks that endpoint. An instance registered on a brand-new node
+    is found by reading that node, without a sweep."""
+    async with upstream() as up:
+        for k in range(60):
+            for j in range(2):
+                n = (k * 2 + j) % 10
+                await up.put("/v1/catalog/register", {
+                    "Node": f"node{n}", "Address": f"10.9.{n}.1",
+                    "Service": {"ID": f"s{k}-{j}", "Service": f"s{k}", "Port": 8000 + j},
+                    "Check": {"CheckID": f"c{k}-{j}", "Name": "alive", "Status": "passing",
+                              "ServiceID": f"s{k}-{j}"}})
+        fed = Federation({"dc1": up}, missing=() if node_services else ("/v1/catalog/node-services",))
+        await fed.start()
+        try:
+            async with Follower(fed.base, wait=30.0) as f:
+                assert await f.mirror.wait_synced(10)
+
+                def ports(name: str) -> set[int]:
+                    return {int(r.split()[2]) for r in f.answer(name, Qtype.SRV)[1]}
+
+                def dc() -> dict[str, Any]:
+                    return f.mirror.status()["datacenters"]["dc1"]
+
+                x = {"Node": "node3", "Address": "10.9.3.1", "SkipNodeUpdate": True}
+                await up.put("/v1/catalog/register", {**x, "Service": {"ID": "xb", "Service": "s7", "Port": 9002}})
+                await until(lambda: 9002 in ports("s7.service.consul"), timeout=10, what="register without check")
+                swept = dc()["sweeps"]
+                assert swept >= 1
+                before = dc()["service_reads"]
+                await up.put("/v1/catalog/register", {**x, "Service": {"ID": "xb", "Service": "s7", "Port": 9003}})
+                await until(lambda: ports("s7.service.consul") == {8000, 8001, 9003}, timeout=10, what="port change")
+                reads = dc()["service_reads"] - before
+                if node_services:
+                    # The sweep read 10 nodes and then only the service that changed.
+                    assert dc()["node_sweeps"] >= 2 and reads <= 3, dc()
+                else:
+                    assert dc()["node_sweeps"] == 0 and reads >= 59, dc()
+                await up.put("/v1/catalog/deregister", {"Node": "node3", "ServiceID": "s1-1"})
+                await until(lambda: ports("s1.service.consul") == {8000}, timeout=10, what="deregister with check")
+                # An existing service's instance on a node registered in the same write.
+                sweeps = dc()["sweeps"]
+                await up.put("/v1/catalog/register", {"Node": "fresh", "Address": "10.9.99.1", "Service": {
+                    "ID": "s9-9", "Service": "s9", "Port": 9009}})
+                await until(lambda: 9009 in ports("s9.service.consul"), timeout=10, what="a new node's instance")
+                await same_as_upstream(f, up, timeout=10)
+                if node_services:
+                    # Found by reading the new node (the services move waits for the other
+                    # lists a moment before it sweeps), not by a sweep.
+                    assert dc()["sweeps"] == sweeps, dc()
+                    assert any(p == "/v1/catalog/node-services/fresh" for p, _, _ in fed.requests)
+        finally:
+            await fed.stop()
 
 
 async def test_a_write_during_the_first_load_keeps_its_hint() -> None:

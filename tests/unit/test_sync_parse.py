@@ -468,3 +468,71 @@ def test_upstream_from_env_empty_and_bad() -> None:
     with pytest.raises(ConfigError) as err:
         upstream_from_env({"CONSUL_HTTP_ADDR": "gopher://x"})
     assert err.value.source == "CONSUL_HTTP_ADDR"
+
+
+# -- a sweep by node: /v1/catalog/node-services/<node> against the mirrored instances -------------
+
+NODE_SERVICES = json.loads("""
+{
+  "Node": {
+    "ID": "2f0c8d1e-6a4b-4c11-9d7e-3b5a1c9e0f42",
+    "Node": "app-07",
+    "Address": "10.20.1.7",
+    "Datacenter": "east",
+    "TaggedAddresses": {"lan": "10.20.1.7", "wan": "198.51.100.7"},
+    "Meta": {"rack": "r12"},
+    "CreateIndex": 31,
+    "ModifyIndex": 88
+  },
+  "Services": [
+    {
+      "ID": "billing-1",
+      "Service": "billing",
+      "Tags": ["v2", "primary"],
+      "Address": "10.20.1.70",
+      "TaggedAddresses": {"lan_ipv4": {"Address": "10.20.1.70", "Port": 7300}},
+      "Meta": null,
+      "Port": 7300,
+      "Weights": {"Passing": 5, "Warning": 1},
+      "EnableTagOverride": false,
+      "Proxy": {"MeshGateway": {}, "Expose": {}},
+      "Connect": {},
+      "PeerName": "",
+      "CreateIndex": 90,
+      "ModifyIndex": 95
+    }
+  ]
+}
+""")
+
+
+def test_node_services_bodies_name_the_services_whose_instances_differ():
+    from dnsdisco.sync.consul import UpstreamError
+    from dnsdisco.sync.mirror import Mirror, _Datacenter
+    from dnsdisco.sync.upstream import UpstreamConfig
+
+    mirror = Mirror(UpstreamConfig(address="http://127.0.0.1:1"), local_datacenter="east",
+                    on_delta=lambda d: None, on_stale=lambda dc, s: None)
+    dc = _Datacenter(mirror, "east", None)
+    dc._set_entries("billing", parse_health_service(HEALTH_SERVICE))
+    assert dc._node_changes("app-07", NODE_SERVICES) == {}  # as mirrored
+    assert dc._node_changes("app-08", {"Node": {}, "Services": []}) == {}  # nothing there either
+
+    def body(*rows: dict) -> dict:
+        return {**NODE_SERVICES, "Services": list(rows)}
+
+    row = NODE_SERVICES["Services"][0]
+    # Re-registered with another port: a new ModifyIndex.
+    assert dc._node_changes("app-07", body({**row, "Port": 7301, "ModifyIndex": 120})) == {"billing": "billing"}
+    # Deregistered (the node's list lacks it), or the node itself gone (null).
+    assert dc._node_changes("app-07", body()) == {"billing": "billing"}
+    assert dc._node_changes("app-07", None) == {"billing": "billing"}
+    # A new instance, of a service spelled as registered; a renamed one names both services.
+    extra = {**row, "ID": "Ledger-1", "Service": "Ledger", "CreateIndex": 130, "ModifyIndex": 130}
+    assert dc._node_changes("app-07", body(row, extra)) == {"ledger": "Ledger"}
+    assert dc._node_changes("app-07", body({**row, "Service": "invoices", "ModifyIndex": 140})) == {
+        "invoices": "invoices", "billing": "billing"}
+    # Rows that are not instances are passed over; a body that is not an object is refused.
+    assert dc._node_changes("app-07", body(row, "junk", {"ID": 7})) == {}
+    with pytest.raises(UpstreamError, match="expected an object"):
+        dc._node_changes("app-07", ["not", "an", "object"])
