@@ -65,10 +65,6 @@ log = logging.getLogger("dnsdisco.sync.consul")
 TIMEOUT_MARGIN = 10.0
 # Non-blocking reads (one service, the datacenter list) still may carry a big body.
 READ_TIMEOUT = 30.0
-# Bodies at least this big are decoded on a thread: json.loads holds the GIL, but the event
-# loop gets it back every switch interval (5 ms) instead of waiting out a 50-100 ms decode of
-# 20,000 checks, so DNS keeps answering meanwhile.
-THREAD_DECODE_BYTES = 512 * 1024
 # A dnsdisco extension (``dnsdisco/http/catalog.py``): asked for with the request header, a
 # dnsdisco upstream names the services written since the index sent in the reply header of a
 # blocking ``/v1/catalog/services`` read (and, on ``/v1/health/state/<status>``, the services
@@ -382,7 +378,7 @@ class ConsulClient:
         if sums is not None and sums == skip_digest:
             return Response(None, meta, len(body), sums)
         try:
-            data = json.loads(body) if len(body) < THREAD_DECODE_BYTES else await asyncio.to_thread(json.loads, body)
+            data = json.loads(body)
         except ValueError as e:
             self.errors += 1
             raise UpstreamError(f"{url.path}: body is not JSON: {e}") from None

@@ -55,7 +55,7 @@ import bisect
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -184,6 +184,43 @@ class _CheckRow:
         self.service_name = service_name
 
 
+class _CheckRows:
+    """Every check the mirror knows of, by (lower node, check ID), also listed by node: a node
+    whose checks are re-read must find its own without walking all of them (20,000 at
+    5,000 services, per flap)."""
+
+    __slots__ = ("_rows", "_by_node")
+
+    def __init__(self) -> None:
+        self._rows: dict[CheckKey, _CheckRow] = {}
+        self._by_node: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[CheckKey]:
+        return iter(self._rows)
+
+    def get(self, key: CheckKey) -> _CheckRow | None:
+        return self._rows.get(key)
+
+    def __setitem__(self, key: CheckKey, row: _CheckRow) -> None:
+        self._rows[key] = row
+        self._by_node.setdefault(key[0], set()).add(key[1])
+
+    def pop(self, key: CheckKey) -> _CheckRow | None:
+        row = self._rows.pop(key, None)
+        if row is not None:
+            ids = self._by_node[key[0]]
+            ids.discard(key[1])
+            if not ids:
+                del self._by_node[key[0]]
+        return row
+
+    def on_node(self, nl: str) -> list[CheckKey]:
+        return [(nl, cid) for cid in self._by_node.get(nl, ())]
+
+
 # -- one datacenter ---------------------------------------------------------------------------------
 
 
@@ -229,7 +266,7 @@ class _Datacenter:
         self._hinting = False  # the last services reply named what it changed (a dnsdisco upstream)
         self._node_sweeps = True  # cleared if the upstream lacks /v1/catalog/node-services
         # Every check we know of (from service reads, the lists, state/any), by version.
-        self.check_rows: dict[CheckKey, _CheckRow] = {}
+        self.check_rows = _CheckRows()
         # The latest rows of the critical and warning lists: together, the non-passing checks.
         self._np_rows: dict[str, dict[CheckKey, tuple[int, int]]] = {"critical": {}, "warning": {}}
         self._checks_index = 0  # the checks index the lists were last read at
@@ -488,7 +525,7 @@ class _Datacenter:
         self.nodes = {}
         self.node_rows = {}
         self._digest_nodes(pending["nodes"][0])
-        self.check_rows = {}
+        self.check_rows = _CheckRows()
         for key in ("critical", "warning"):
             self._np_rows[key] = self._list_rows(pending[key][0], key)
         self._checks_index = max(pending["critical"][1].index, pending["warning"][1].index)
@@ -678,7 +715,7 @@ class _Datacenter:
                 self._patch_node_checks(lname, nl, check.check_id, check)
 
     def _remove_check(self, key: CheckKey, index: int) -> None:
-        row = self.check_rows.pop(key, None)
+        row = self.check_rows.pop(key)
         if row is None:
             return
         nl, cid = key
@@ -709,7 +746,7 @@ class _Datacenter:
                 known = self.check_rows.get(key)
                 if known is None or known.version != (check.create_index, check.modify_index):
                     self._apply_check(check)
-            for key in [k for k in self.check_rows if k[0] == nl and k not in seen]:
+            for key in [k for k in self.check_rows.on_node(nl) if k not in seen]:
                 self._remove_check(key, resp.meta.index)
 
         await asyncio.gather(*(one(nl) for nl in nodes))
@@ -1096,7 +1133,7 @@ class _Datacenter:
                 for c in e.checks:
                     row = rows.get((nl, c.check_id))
                     if c.service_id and row is not None and row.service_id == e.service.id:
-                        del rows[(nl, c.check_id)]
+                        rows.pop((nl, c.check_id))
             counts = self.by_node.get(nl)
             if counts is not None:
                 left = counts.get(lname, 0) - 1

@@ -536,3 +536,19 @@ def test_node_services_bodies_name_the_services_whose_instances_differ():
     assert dc._node_changes("app-07", body(row, "junk", {"ID": 7})) == {}
     with pytest.raises(UpstreamError, match="expected an object"):
         dc._node_changes("app-07", ["not", "an", "object"])
+
+
+def test_check_rows_are_listed_by_node():
+    from dnsdisco.sync.mirror import _CheckRow, _CheckRows
+
+    rows = _CheckRows()
+    rows[("a", "c1")] = _CheckRow((1, 1), "web-1", "web")
+    rows[("a", "serfHealth")] = _CheckRow((1, 2), "", "")
+    rows[("b", "c1")] = _CheckRow((3, 3), "web-2", "web")
+    assert len(rows) == 3 and sorted(rows) == [("a", "c1"), ("a", "serfHealth"), ("b", "c1")]
+    assert sorted(rows.on_node("a")) == [("a", "c1"), ("a", "serfHealth")] and rows.on_node("z") == []
+    assert rows.pop(("a", "c1")).service_id == "web-1" and rows.pop(("a", "c1")) is None
+    rows[("b", "c1")] = _CheckRow((3, 4), "web-2", "web")  # a new version replaces the row
+    assert rows.get(("b", "c1")).version == (3, 4) and rows.on_node("b") == [("b", "c1")]
+    rows.pop(("a", "serfHealth"))
+    assert rows.on_node("a") == [] and len(rows) == 1
