@@ -101,14 +101,18 @@ async def load(session: aiohttp.ClientSession, base: str, services: int, per: in
 class Dns:
     def __init__(self, port: int) -> None:
         self.port = port
+        self.times: list[float] = []  # seconds each query took, connection included
 
     async def ask(self, name: str, rdtype: str) -> tuple[str, set[str]]:
         q = dns.message.make_query(name, rdtype)
+        t0 = time.perf_counter()
         try:
             # TCP: over UDP the answer is cut to dns_config.udp_answer_limit (3) records.
             r = await dns.asyncquery.tcp(q, LOOPBACK, port=self.port, timeout=0.5)
         except dns.exception.Timeout:
+            self.times.append(time.perf_counter() - t0)
             return "TIMEOUT", set()
+        self.times.append(time.perf_counter() - t0)
         return dns.rcode.to_text(r.rcode()), {rd.to_text() for rrset in r.answer for rd in rrset}
 
     async def until(self, pred: Callable[[str, set[str]], bool], name: str, rdtype: str,
@@ -282,6 +286,7 @@ async def run_mode(procs: Processes, work: Path, up_port: int, session: aiohttp.
         if rc != "NOERROR" or len(a) != args.per_service:
             raise BenchError(f"after the first sync s{k} answers {rc} {a}")
     after_sync = sampler.last
+    dnsq.times.clear()  # from here on: how long DNS takes while the mirror follows changes
     changes = Changes(session, base, dnsq, services=args.services, per=args.per_service, nodes=args.nodes,
                       timeout=30.0, mode=mode)
     for i in range(args.samples):
@@ -292,7 +297,10 @@ async def run_mode(procs: Processes, work: Path, up_port: int, session: aiohttp.
     procs.stop(agent.proc)
     out = {"mode": mode, "first_sync_s": first_sync, "agent_started_s": agent.ready_after,
            "connections_max": sampler.max, "connections_after_sync": after_sync,
-           "connections_end": sampler.last, "ready": ready.strip()[:200], "changes": {}}
+           "connections_end": sampler.last, "ready": ready.strip()[:200], "changes": {},
+           "dns_reply_ms": {"n": len(dnsq.times), "p50": percentile(dnsq.times, 50) * 1000,
+                            "p99": percentile(dnsq.times, 99) * 1000,
+                            "p999": percentile(dnsq.times, 99.9) * 1000, "max": max(dnsq.times) * 1000}}
     for kind, vals in changes.results.items():
         out["changes"][kind] = {"n": len(vals), "p50_ms": percentile(vals, 50) * 1000,
                                 "p99_ms": percentile(vals, 99) * 1000, "max_ms": max(vals) * 1000}
@@ -330,6 +338,9 @@ def report_mode(r: dict) -> None:
           f"[{'PASS' if ok else 'FAIL'} < {TARGET_SYNC:g}s]; agent started after {r['agent_started_s']:.2f}s")
     print(f"connections to the upstream: max {r['connections_max']}, after sync {r['connections_after_sync']}, "
           f"end {r['connections_end']}")
+    d = r["dns_reply_ms"]
+    print(f"DNS replies meanwhile (TCP, connection included): {d['n']} queries, p50 {d['p50']:.2f} ms, "
+          f"p99 {d['p99']:.2f} ms, p99.9 {d['p999']:.1f} ms, max {d['max']:.1f} ms")
     print(f"{'change':45} {'n':>3} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for kind, v in r["changes"].items():
         flag = "" if v["max_ms"] < TARGET_CHANGE * 1000 else "  (> 1 s)"
