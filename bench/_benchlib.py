@@ -199,10 +199,24 @@ class Agent:
         return f"http://{LOOPBACK}:{self.http_port}"
 
 
-def agent_command(args: Sequence[str], *, cpu: int | str | None = None, uvloop: bool = True) -> list[str]:
-    """The agent's command line; *cpu* (a CPU number or a taskset list such as ``"0-1"``) pins it."""
+# The same, with asyncio's debug mode logging every callback that holds the loop longer than
+# the given seconds (its default threshold, 100 ms, is far above what matters to DNS).
+_SLOW_CALLBACKS = ("import sys, asyncio.base_events as b; sys.modules['uvloop'] = None; "
+                   "b.BaseEventLoop.slow_callback_duration = {seconds!r}; "
+                   "from dnsdisco.cli import main; sys.exit(main(sys.argv[1:]))")
+SLOW_CALLBACK = re.compile(r"Executing .* took (\d+\.\d+) seconds")
+
+
+def agent_command(args: Sequence[str], *, cpu: int | str | None = None, uvloop: bool = True,
+                  slow_callback: float | None = None) -> list[str]:
+    """The agent's command line; *cpu* (a CPU number or a taskset list such as ``"0-1"``) pins it.
+    With *slow_callback* (seconds) the agent runs asyncio in debug mode (see ``start_agent``),
+    logging each callback that took longer (find them with ``SLOW_CALLBACK``)."""
     cmd = [sys.executable]
-    cmd += ["-m", "dnsdisco"] if uvloop else ["-c", _NO_UVLOOP]
+    if slow_callback is not None:
+        cmd += ["-c", _SLOW_CALLBACKS.format(seconds=slow_callback)]
+    else:
+        cmd += ["-m", "dnsdisco"] if uvloop else ["-c", _NO_UVLOOP]
     cmd += ["agent", *args]
     if cpu is not None:
         cmd = [need_tool("taskset"), "-c", str(cpu), *cmd]
@@ -210,12 +224,16 @@ def agent_command(args: Sequence[str], *, cpu: int | str | None = None, uvloop: 
 
 
 def start_agent(procs: Processes, name: str, args: Sequence[str], log_path: Path, *,
-                cpu: int | str | None = None, uvloop: bool = True, timeout: float = 60.0) -> Agent:
+                cpu: int | str | None = None, uvloop: bool = True, timeout: float = 60.0,
+                slow_callback: float | None = None) -> Agent:
     """Start ``python -m dnsdisco agent ARGS`` and wait for its "agent started" log line."""
     env = dict(os.environ)
+    if slow_callback is not None:
+        env["PYTHONASYNCIODEBUG"] = "1"
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = procs.start(name, agent_command(args, cpu=cpu, uvloop=uvloop), log_path, cwd=REPO, env=env)
+    proc = procs.start(name, agent_command(args, cpu=cpu, uvloop=uvloop, slow_callback=slow_callback),
+                       log_path, cwd=REPO, env=env)
     deadline = proc.started + timeout
     while True:
         m = _STARTED.search(proc.log_text())

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchlib import (  # noqa: E402
     run_main,
     LOOPBACK,
+    SLOW_CALLBACK,
     BenchError,
     Processes,
     add_common_args,
@@ -272,7 +273,8 @@ async def run_mode(procs: Processes, work: Path, up_port: int, session: aiohttp.
     base = f"http://{LOOPBACK}:{up_port}"
     agent = start_agent(procs, f"mirror-{mode}", [
         "-node", f"mirror-{mode}", "-http-port", str(http_port), "-dns-port", str(dns_port),
-        "-upstream", base, "-config-file", str(conf)], work / f"mirror-{mode}.log", cpu=1)
+        "-upstream", base, "-config-file", str(conf)], work / f"mirror-{mode}.log", cpu=1,
+        slow_callback=None if args.slow_callback_ms is None else args.slow_callback_ms / 1000)
     pid = agent.proc.pid
     sampler = ConnSampler(pid, up_port)
     sampler.start()
@@ -287,6 +289,7 @@ async def run_mode(procs: Processes, work: Path, up_port: int, session: aiohttp.
             raise BenchError(f"after the first sync s{k} answers {rc} {a}")
     after_sync = sampler.last
     dnsq.times.clear()  # from here on: how long DNS takes while the mirror follows changes
+    log_from = len(agent.proc.log_text())
     changes = Changes(session, base, dnsq, services=args.services, per=args.per_service, nodes=args.nodes,
                       timeout=30.0, mode=mode)
     for i in range(args.samples):
@@ -294,13 +297,16 @@ async def run_mode(procs: Processes, work: Path, up_port: int, session: aiohttp.
     await sampler.stop()
     async with session.get(f"http://{LOOPBACK}:{http_port}/ready") as r:
         ready = await r.text()
+    slow = [float(m.group(1)) for m in SLOW_CALLBACK.finditer(agent.proc.log_text()[log_from:])]
     procs.stop(agent.proc)
     out = {"mode": mode, "first_sync_s": first_sync, "agent_started_s": agent.ready_after,
            "connections_max": sampler.max, "connections_after_sync": after_sync,
            "connections_end": sampler.last, "ready": ready.strip()[:200], "changes": {},
            "dns_reply_ms": {"n": len(dnsq.times), "p50": percentile(dnsq.times, 50) * 1000,
                             "p99": percentile(dnsq.times, 99) * 1000,
-                            "p999": percentile(dnsq.times, 99.9) * 1000, "max": max(dnsq.times) * 1000}}
+                            "p999": percentile(dnsq.times, 99.9) * 1000, "max": max(dnsq.times) * 1000},
+           "slow_callback_ms": args.slow_callback_ms,
+           "slow_callbacks": {"n": len(slow), "max_ms": max(slow, default=0.0) * 1000}}
     for kind, vals in changes.results.items():
         out["changes"][kind] = {"n": len(vals), "p50_ms": percentile(vals, 50) * 1000,
                                 "p99_ms": percentile(vals, 99) * 1000, "max_ms": max(vals) * 1000}
@@ -341,6 +347,10 @@ def report_mode(r: dict) -> None:
     d = r["dns_reply_ms"]
     print(f"DNS replies meanwhile (TCP, connection included): {d['n']} queries, p50 {d['p50']:.2f} ms, "
           f"p99 {d['p99']:.2f} ms, p99.9 {d['p999']:.1f} ms, max {d['max']:.1f} ms")
+    if r["slow_callback_ms"] is not None:
+        sc = r["slow_callbacks"]
+        print(f"mirror callbacks over {r['slow_callback_ms']:g} ms while following (asyncio debug mode): "
+              f"{sc['n']}, longest {sc['max_ms']:.0f} ms")
     print(f"{'change':45} {'n':>3} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for kind, v in r["changes"].items():
         flag = "" if v["max_ms"] < TARGET_CHANGE * 1000 else "  (> 1 s)"
@@ -357,6 +367,9 @@ def main() -> int:
     ap.add_argument("--query-interval", type=float, default=0.25,
                     help="the mirror's upstream.query_interval in seconds (default 0.25)")
     ap.add_argument("--modes", default="hints,consul", help="comma-separated: hints, consul")
+    ap.add_argument("--slow-callback-ms", type=float, default=None, metavar="MS",
+                    help="run the mirror under asyncio's debug mode (no uvloop) and count its callbacks "
+                         "longer than MS while it follows the changes (slows it down; not for timings)")
     add_common_args(ap, quiet_wait=10)
     args = ap.parse_args()
     set_quiet_budget(args.quiet_budget)
