@@ -37,6 +37,7 @@ from dnsdisco.sync.consul import (
     SERVICES_DELTA_HEADER,
     WANT_CHANGES_HEADER,
     WANT_DELTA,
+    WANT_ENTRIES,
 )
 from dnsdisco.values import go_bool
 
@@ -100,14 +101,23 @@ async def services(request: web.Request) -> web.Response:
     if want and read.index and index > read.index:
         names = store.services_changed_since(read.index, CHANGED_SERVICES_LIMIT)
         headers[CHANGED_SERVICES_HEADER] = _names_header(names)
-        if want == WANT_DELTA and names is not None and not wanted:
+        if want in (WANT_DELTA, WANT_ENTRIES) and names is not None and not wanted:
             # Only the named services' entries (a name absent from the body is gone): the
             # write costs what it touched, not a list of every service per follower per write.
             delta: dict[str, list[str]] = {}
             for lname in names:
                 delta.update(store.service_tags(lname))
-            headers[SERVICES_DELTA_HEADER] = "1"
-            return json_response(request, delta, headers=headers)
+            if want == WANT_DELTA:
+                headers[SERVICES_DELTA_HEADER] = "1"
+                return json_response(request, delta, headers=headers)
+            # ... with their health entries as /v1/health/service answers them (the follower
+            # would read each next): one hand-off per write instead of two.
+            entries = ",".join(
+                f'{json.dumps(lname)}:{{"Index":{max(store.topic_index(f"health:{lname}"), 1)},'
+                f'"Rows":{_health_body(request, lname)}}}' for lname in names)
+            headers[SERVICES_DELTA_HEADER] = WANT_ENTRIES
+            return json_body_response(f'{{"Services":{encode_json(request, delta)},"Entries":{{{entries}}}}}',
+                                      headers=headers)
     if wanted:
         out = summarise_services(s for s in store.services()
                                  if meta_matches(getattr(store.node(s.node), "meta", {}), wanted))
@@ -227,13 +237,19 @@ async def health_service(request: web.Request) -> web.Response:
     key = _body_key(request, "health", name.lower(), index)
     cache = request.app[BODIES]
     body = cache.get(key)
-    if body is not None:
-        return json_body_response(body, headers=read.headers(index))
-    tags = _tags(request)
-    wanted = node_meta_filter(request)
+    if body is None:
+        rows = _health_rows(request.app[STORE], name, tags=_tags(request), wanted=node_meta_filter(request),
+                            passing=passing)
+        body = encode_json(request, rows)
+        cache.put(key, body)
+    return json_body_response(body, headers=read.headers(index))
+
+
+def _health_rows(store: Store, name: str, *, tags: list[str] | None = None,
+                 wanted: list[tuple[str, str]] | None = None, passing: bool = False) -> list[dict[str, Any]]:
     out = []
-    for entry in request.app[STORE].health_service(name):
-        if not _has_tags(entry.service.tags, tags) or not meta_matches(entry.node.meta, wanted):
+    for entry in store.health_service(name):
+        if not _has_tags(entry.service.tags, tags or []) or not meta_matches(entry.node.meta, wanted or []):
             continue
         # ?passing drops an instance with any non-passing check, node checks and warnings
         # included; the index still covers everything (Consul filters after the RPC).
@@ -241,9 +257,20 @@ async def health_service(request: web.Request) -> web.Response:
             continue
         out.append({"Node": shapes.node(entry.node), "Service": shapes.node_service(entry.service),
                     "Checks": [shapes.check(c) for c in entry.checks]})
-    body = encode_json(request, out)
-    cache.put(key, body)
-    return json_body_response(body, headers=read.headers(index))
+    return out
+
+
+def _health_body(request: web.Request, lname: str) -> str:
+    """``/v1/health/service/<lname>``'s body without options, through the body cache (the
+    key a plain read of it uses)."""
+    store = request.app[STORE]
+    key = ("health", lname, max(store.topic_index(f"health:{lname}"), 1), ())
+    cache = request.app[BODIES]
+    body = cache.get(key)
+    if body is None:
+        body = json.dumps(_health_rows(store, lname), separators=(",", ":"))
+        cache.put(key, body)
+    return body
 
 
 # Query options that do not change a read's body (blocking, consistency, the token).

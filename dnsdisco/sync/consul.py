@@ -33,7 +33,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -75,6 +75,11 @@ CHANGED_SERVICES_HEADER = "X-Dnsdisco-Changed-Services"
 # only their entries (a name in the hint and not in the body has no instance left), marked so.
 SERVICES_DELTA_HEADER = "X-Dnsdisco-Services-Delta"
 WANT_DELTA = "delta"  # the WANT_CHANGES_HEADER value that allows a delta body
+# ... and the one that also asks for the changed services' health entries in it: the body is
+# then {"Services": <the delta>, "Entries": {<lower name>: {"Index": i, "Rows": <what
+# /v1/health/service/<name> answers at its index i>}}}, marked with SERVICES_DELTA_HEADER
+# "entries", so that a follower applies a write without a second request.
+WANT_ENTRIES = "entries"
 
 
 class UpstreamError(DnsdiscoError):
@@ -207,6 +212,11 @@ class QueryMeta:
     changed: tuple[str, ...] | None = None
     # With the hint, the body holds only the changed services (``X-Dnsdisco-Services-Delta``).
     delta: bool = False
+    # ... and their health entries too (the header says ``entries``): the reply's body is then
+    # the WANT_ENTRIES object, which the consumer splits (see ``split_entries``).
+    with_entries: bool = False
+    # After the split: lower name -> (health/service rows, their index), for names in changed.
+    entries: Mapping[str, tuple[Any, int]] | None = None
 
 
 def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
@@ -223,9 +233,28 @@ def parse_meta(headers: Mapping[str, str]) -> QueryMeta:
         contact = 0.0
     filtered = headers.get("X-Consul-Results-Filtered-By-ACLs", "").strip().lower() == "true"
     changed = parse_changed(headers.get(CHANGED_SERVICES_HEADER))
-    delta = changed is not None and headers.get(SERVICES_DELTA_HEADER, "").strip() == "1"
+    marked = headers.get(SERVICES_DELTA_HEADER, "").strip() if changed is not None else ""
     return QueryMeta(index=index, known_leader=leader, last_contact=contact, filtered_by_acls=filtered,
-                     changed=changed, delta=delta)
+                     changed=changed, delta=marked in ("1", WANT_ENTRIES), with_entries=marked == WANT_ENTRIES)
+
+
+def split_entries(data: Any, meta: QueryMeta) -> tuple[Any, QueryMeta]:
+    """A WANT_ENTRIES body as (the services delta, meta carrying the entries); any other reply
+    as it is. Raises :class:`UpstreamError` on a body not of that shape."""
+    if not meta.with_entries:
+        return data, meta
+    services = data.get("Services") if isinstance(data, dict) else None
+    given = data.get("Entries") if isinstance(data, dict) else None
+    if not isinstance(services, dict) or not isinstance(given, dict):
+        raise UpstreamError("catalog/services: an entries delta without Services and Entries objects")
+    entries: dict[str, tuple[Any, int]] = {}
+    for name, item in given.items():
+        index = item.get("Index") if isinstance(item, dict) else None
+        rows = item.get("Rows") if isinstance(item, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(rows, list):
+            raise UpstreamError(f"catalog/services: a bad entry for {name!r}")
+        entries[name.lower()] = (rows, max(index, 1))
+    return services, replace(meta, with_entries=False, entries=entries)
 
 
 def parse_changed(raw: str | None) -> tuple[str, ...] | None:
@@ -303,7 +332,7 @@ class ConsulClient:
         if self.upstream.token:
             headers["X-Consul-Token"] = self.upstream.token
         if self.upstream.change_hints:
-            headers[WANT_CHANGES_HEADER] = WANT_DELTA
+            headers[WANT_CHANGES_HEADER] = WANT_ENTRIES
         self._session = aiohttp.ClientSession(connector=connector, headers=headers, trace_configs=[trace])
 
     async def close(self) -> None:

@@ -61,7 +61,15 @@ from typing import Any
 
 from dnsdisco.catalog.model import CatalogDelta, Check, Node, ServiceEntry
 from dnsdisco.errors import DnsdiscoError
-from dnsdisco.sync.consul import Backoff, ConsulClient, QueryMeta, TokenBucket, UpstreamError, Watch
+from dnsdisco.sync.consul import (
+    Backoff,
+    ConsulClient,
+    QueryMeta,
+    TokenBucket,
+    UpstreamError,
+    Watch,
+    split_entries,
+)
 from dnsdisco.sync.parse import (
     parse_check,
     parse_checks,
@@ -137,12 +145,14 @@ def merge_services_replies(old: tuple[Any, QueryMeta], new: tuple[Any, QueryMeta
     assert meta.changed is not None
     before = old_meta.changed
     changed = None if before is None else tuple({*before, *meta.changed})
+    # Entries sent with the replies: the newer one's for its names, the older one's for the rest.
+    hinted = set(meta.changed)
+    entries = {**{k: v for k, v in (old_meta.entries or {}).items() if k not in hinted}, **(meta.entries or {})}
     if meta.delta and isinstance(old_data, dict) and isinstance(data, dict):
-        hinted = set(meta.changed)
         data = {**{k: v for k, v in old_data.items() if k.lower() not in hinted}, **data}
         # Laid over a full list it is a full list; over a delta, a delta.
-        return data, replace(meta, changed=changed, delta=old_meta.delta)
-    return data, replace(meta, changed=changed)
+        return data, replace(meta, changed=changed, delta=old_meta.delta, entries=entries or None)
+    return data, replace(meta, changed=changed, entries=entries or None)
 
 
 def with_check(entry: ServiceEntry, check_id: str, check: Check | None) -> ServiceEntry:
@@ -300,6 +310,7 @@ class _Datacenter:
         self.any_reads = 0
         self.hinted = 0
         self.services_deltas = 0  # of which the upstream sent only the changed services
+        self.pushed = 0  # services whose entries came with a services reply (no read)
         self.seeded = False  # the first load came from a Seed, not from reads
         self.checks_hinted = 0  # check-list moves whose services a dnsdisco upstream named
         self.node_reads = 0
@@ -332,6 +343,7 @@ class _Datacenter:
 
     def _deliverer(self, key: str) -> Callable[[Any, QueryMeta, bool], Any]:
         async def deliver(data: Any, meta: QueryMeta, reset: bool) -> None:
+            data, meta = split_entries(data, meta)
             # Only the latest reply of each watch matters: a newer one replaces an undigested one.
             # (*reset* is not needed here: the round compares the index with the data it holds.)
             # A change hint is relative to the previous reply, so one replacing an undigested
@@ -844,9 +856,24 @@ class _Datacenter:
             todo.update((k, self._url_name(k)) for k in meta.changed if k in new_tags)
             todo.update(self._unknown)
             self._unknown.clear()
+            # Those whose entries came with the reply need no read (unless they do not parse).
+            pushed = set()
+            for k, (rows, svc_index) in (meta.entries or {}).items():
+                if k not in todo:
+                    continue
+                try:
+                    entries = tuple(e for e in parse_health_service(rows, self.nodes) if e.service.name.lower() == k)
+                except DnsdiscoError as e:
+                    self.last_error = str(e)
+                    continue
+                del todo[k]
+                pushed.add(k)
+                self._set_entries(k, entries)
+                self.svc_index[k] = svc_index
+            self.pushed += len(pushed)
             await self._fetch(todo, skip=False)
             self._forget_events(index)
-            return set(todo)
+            return {*todo, *pushed}
         todo.update(self._candidates(index))
         fetched = set(todo)
         await self._fetch(todo, skip=False)
@@ -1199,6 +1226,7 @@ class _Datacenter:
             "seeded": self.seeded,
             "hinted_services_moves": self.hinted,
             "services_deltas": self.services_deltas,
+            "pushed_services": self.pushed,
             "hinted_checks_moves": self.checks_hinted,
             "deltas": self.deltas,
             "last_error": self.last_error,

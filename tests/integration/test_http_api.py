@@ -629,6 +629,27 @@ async def test_services_delta_names_only_what_changed(http_agent):
         assert ("consul" in r.json()) == ("node-meta" not in query), query
 
 
+async def test_services_delta_with_entries_carries_each_health_body(http_agent):
+    """``X-Dnsdisco-Want-Changes: entries``: the delta comes with each changed service's health
+    entries as /v1/health/service answers them, with that read's index; a gone service has none."""
+    await register(http_agent, {"Name": "api", "ID": "api-1", "Port": 80, "Tags": ["v1"],
+                                "Check": {"CheckID": "api-ttl", "TTL": "30s", "Status": "passing"}})
+    await register(http_agent, {"Name": "old", "ID": "old-1", "Port": 81})
+    since = (await http_agent.get("/v1/catalog/services")).index
+    await register(http_agent, {"Name": "api", "ID": "api-2", "Port": 82, "Tags": ["v2"]})
+    r = await http_agent.put("/v1/agent/service/deregister/old-1")
+    assert r.status == 200
+    want = {"X-Dnsdisco-Want-Changes": "entries"}
+    r = await http_agent.get(f"/v1/catalog/services?index={since}&wait=1s", headers=want)
+    assert r.headers["X-Dnsdisco-Services-Delta"] == "entries"
+    assert sorted(json.loads(r.headers["X-Dnsdisco-Changed-Services"])) == ["api", "old"]
+    body = r.json()
+    assert body["Services"] == {"api": ["v1", "v2"]}  # old: hinted and absent, so gone
+    health = await http_agent.get("/v1/health/service/api")
+    assert body["Entries"]["api"] == {"Index": health.index, "Rows": health.json()}
+    assert body["Entries"]["old"]["Rows"] == []
+
+
 async def test_health_state_hint_names_the_services_of_check_writes(http_agent):
     """With X-Dnsdisco-Want-Changes, a blocking health/state read that returns after a check
     write names the services it bore on; without the header (Consul's API), no such header."""

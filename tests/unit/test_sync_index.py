@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -422,3 +423,30 @@ async def test_the_hint_logs_are_bounded() -> None:
     finally:
         storemod.HINT_NAMES_MAX = old
         await store.close()
+
+
+def test_entries_deltas_are_split_and_merged() -> None:
+    from dnsdisco.sync.consul import UpstreamError, split_entries
+    from dnsdisco.sync.mirror import merge_services_replies
+
+    meta = parse_meta({"X-Consul-Index": "9", "X-Dnsdisco-Changed-Services": '["web","old"]',
+                       "X-Dnsdisco-Services-Delta": "entries"})
+    assert meta.delta and meta.with_entries
+    body = {"Services": {"Web": ["a"]},
+            "Entries": {"Web": {"Index": 9, "Rows": [{"Node": {}}]}, "old": {"Index": 0, "Rows": []}}}
+    data, split = split_entries(body, meta)
+    assert data == {"Web": ["a"]} and not split.with_entries and split.delta
+    assert split.entries == {"web": ([{"Node": {}}], 9), "old": ([], 1)}  # keys lower-cased, index >= 1
+    plain = QueryMeta(index=3)
+    assert split_entries({"x": []}, plain) == ({"x": []}, plain)  # not marked: left as it is
+    for bad in ({"Services": {}}, {"Services": {}, "Entries": {"w": {"Index": "9", "Rows": []}}}, []):
+        with pytest.raises(UpstreamError):
+            split_entries(bad, meta)
+    # Merged: the newer reply's entries for its names, the older one's for the others.
+    older = ({"db": ["x"]}, replace(split, index=8, changed=("db", "web"),
+                                    entries={"db": ([], 8), "web": (["stale"], 8)}))
+    _, merged = merge_services_replies(older, (data, split))
+    assert merged.entries == {"db": ([], 8), "web": ([{"Node": {}}], 9), "old": ([], 1)}
+    # Over a reply without entries, only the newer reply's names have them (the rest are read).
+    _, merged = merge_services_replies(({"db": []}, QueryMeta(index=8, changed=("db",), delta=True)), (data, split))
+    assert set(merged.entries or ()) == {"web", "old"}
