@@ -12,6 +12,8 @@ Freshness: a service is registered through the HTTP API and 8 UDP sockets (fixed
 so that the kernel hashes them over the workers; with 2 workers all 8 land on one with
 probability 1/128) poll its name until every one of them sees the new address. The time from
 sending the registration to that moment is one sample: "visible in DNS through every worker".
+With ``--burners N``, N busy-loop processes (unpinned) run during the freshness samples: a
+repeatable stand-in for the other processes of a loaded machine.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="dnsperf run length")
     ap.add_argument("--samples", type=int, default=200, help="freshness samples per worker count")
+    ap.add_argument("--burners", type=int, default=0,
+                    help="busy-loop processes running during the freshness samples (default 0)")
     add_common_args(ap, quiet_wait=10)
     args = ap.parse_args()
     sigterm_as_exit()
@@ -180,13 +184,20 @@ def main() -> int:
             for half in range(2):
                 for w in counts:
                     wait_for_quiet(procs, max_wait=args.quiet_wait)
-                    lats[w] += freshness(agents[w].http_port, agents[w].dns_port, args.samples // 2,
-                                         first=half * args.samples)
+                    burners = [procs.start(f"burner{i}", [sys.executable, "-c", "while True: pass"],
+                                           work / f"burner{i}.log") for i in range(args.burners)]
+                    try:
+                        lats[w] += freshness(agents[w].http_port, agents[w].dns_port, args.samples // 2,
+                                             first=half * args.samples)
+                    finally:
+                        for b in burners:
+                            procs.stop(b)
             for w in counts:
                 lat = lats[w]
                 fresh[w] = {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
                             "max_ms": max(lat) * 1e3, "samples": len(lat)}
-                print(f"W={w}: register -> visible in every worker: p50 {fresh[w]['p50_ms']:.2f} ms, "
+                print(f"W={w}{f' with {args.burners} busy loops' if args.burners else ''}: "
+                      f"register -> visible in every worker: p50 {fresh[w]['p50_ms']:.2f} ms, "
                       f"p99 {fresh[w]['p99_ms']:.2f} ms, max {fresh[w]['max_ms']:.2f} ms ({len(lat)} samples)")
             print("\n| workers | median qps | vs 1 worker | CPU µs/q | server cores | register -> DNS p50 | p99 |")
             print("|---|---|---|---|---|---|---|")
@@ -198,6 +209,7 @@ def main() -> int:
                       f"{fresh[w]['p99_ms']:.2f} ms |")
             results["runs"] = {str(w): runs[w] for w in counts}
             results["freshness"] = {str(w): fresh[w] for w in counts}
+            results["burners"] = args.burners
         finally:
             procs.stop_all()
     if args.json:

@@ -132,7 +132,9 @@ async def services(request: web.Request) -> web.Response:
 # a JSON list, or ``*`` when that is not known. Consul has nothing like it (a mirror of Consul
 # must find the service itself); a mirror of dnsdisco (the DNS workers) reads just those
 # services. Consul ignores the request header. With the value ``delta``, a reply that can name
-# them carries only those names' entries (``X-Dnsdisco-Services-Delta: 1``), not every service.
+# them carries only those names' entries (``X-Dnsdisco-Services-Delta: 1``), not every service;
+# with ``entries``, also each one's health entries (``X-Dnsdisco-Services-Delta: entries``;
+# the body's shape is dnsdisco.sync.consul.WANT_ENTRIES'), so the mirror reads nothing more.
 # /v1/health/state/<status> carries the same header for check writes (see health_state).
 CHANGED_SERVICES_LIMIT = 256
 
