@@ -7,9 +7,11 @@ the catalog is cyclic garbage-to-be - values are frozen dataclasses, replaced an
 reference counting - so ``gc.freeze()`` moves what is alive into the permanent generation,
 which collections skip. This module owns when that happens: once the first load is in, and
 again each time the catalog has grown by a quarter since (registrations through the API, a
-mirrored cluster that grows). Freezes are thus logarithmic in growth, and the few cyclic
-objects that happen to be alive at one (a pending task, an exception and its frames) and are
-frozen with it stay few.
+mirrored cluster that grows), counting from where it stood after a shrink: a rolling deploy
+replaces frozen instances with unfrozen ones, which full passes would walk again. A freeze
+also keeps whatever cyclic garbage-to-be is alive at that moment (a pending task, an exception
+and its frames) out of reach for good: a few objects per freeze, and freezes follow the
+catalog's growth, not time.
 """
 
 from __future__ import annotations

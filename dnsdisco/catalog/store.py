@@ -541,6 +541,9 @@ class Store:
         st = self._state
         return [st.checks[k][0] for k in sorted(st.checks)]
 
+    def check_count(self) -> int:
+        return len(self._state.checks)
+
     def checks_in_state(self, status: str) -> list[Check]:
         """The checks whose status is *status*, in :meth:`checks`' order; costs those checks."""
         st = self._state

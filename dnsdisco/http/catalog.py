@@ -296,7 +296,13 @@ async def health_checks(request: web.Request) -> web.Response:
     read, index = await _blocking(request, f"health:{name.lower()}")
     store = request.app[STORE]
     chosen = _on_matching_node(store, store.service_checks(name), node_meta_filter(request))
-    return json_body_response(request.app[CHECK_JSON].body(request, chosen), headers=read.headers(index))
+    return json_body_response(request.app[CHECK_JSON].body(request, chosen, limit=_check_json_limit(store)),
+                              headers=read.headers(index))
+
+
+def _check_json_limit(store: Store) -> int:
+    # Twice the checks there are: room for the ones replaced since the last whole read.
+    return 2 * store.check_count() + 1024
 
 
 @routes.get("/v1/health/state/{state:.*}")
@@ -320,7 +326,8 @@ async def health_state(request: web.Request) -> web.Response:
     chosen = _on_matching_node(store, chosen, wanted)
     # Every check, read again after each check write (a mirror's catch-up, exporters): each
     # check's JSON is reused while it is unchanged; a read of all of them drops the rest.
-    body = request.app[CHECK_JSON].body(request, chosen, prune=state == "any" and not wanted)
+    body = request.app[CHECK_JSON].body(request, chosen, limit=_check_json_limit(store),
+                                        prune=state == "any" and not wanted)
     return json_body_response(body, headers=headers)
 
 
@@ -328,5 +335,6 @@ async def health_state(request: web.Request) -> web.Response:
 async def health_node(request: web.Request) -> web.Response:
     name = _path_name(request, "node", "Missing node name")
     read, index = await _blocking(request, f"nodechecks:{name.lower()}")
-    body = request.app[CHECK_JSON].body(request, request.app[STORE].node_checks(name))
+    store = request.app[STORE]
+    body = request.app[CHECK_JSON].body(request, store.node_checks(name), limit=_check_json_limit(store))
     return json_body_response(body, headers=read.headers(index))

@@ -295,6 +295,9 @@ class _Datacenter:
         self._services_index = 0
         # lower name -> index of the latest check or node write seen to touch it
         self._events: dict[str, int] = {}
+        # lower name -> index of the latest check or node data patched into it (or queued for
+        # a read of it) since its last read: entries pushed with an older index would undo it.
+        self._patched_at: dict[str, int] = {}
         self._unknown: dict[str, str] = {}  # services with checks on instances we do not have
         self._loading: dict[str, tuple[Any, QueryMeta]] = {}  # the replies a full load reads from
         self._dirty: dict[str, str] = {}  # reads that failed, to retry
@@ -545,6 +548,7 @@ class _Datacenter:
         self._checks_behind = False
         self._services_index = pending["services"][1].index
         self._events.clear()
+        self._patched_at.clear()
         self._unknown.clear()
         self._dirty.clear()
         self.entries = {}
@@ -704,6 +708,8 @@ class _Datacenter:
             # check later: O(change). Those not known yet are read as new ones.
             self.checks_hinted += 1
             self._unknown.update((k, self._url_name(k)) for k in hinted)
+            for k in hinted:
+                self._note_patch(k, index)
         elif moved and not touched and not left:
             self._checks_behind = True  # handled at the end of the round
 
@@ -719,12 +725,14 @@ class _Datacenter:
                 # first we hear of it). Read its service.
                 if check.service_name:
                     self._unknown[check.service_name.lower()] = check.service_name
+                    self._note_patch(check.service_name.lower(), max(check.modify_index, check.create_index))
                 return
             self._patch_instance(lname, nl, check.service_id, check.check_id, check)
             self._note_event(lname, max(check.modify_index, check.create_index))
         else:
             for lname in list(self.by_node.get(nl, ())):
                 self._patch_node_checks(lname, nl, check.check_id, check)
+                self._note_patch(lname, max(check.modify_index, check.create_index))
 
     def _remove_check(self, key: CheckKey, index: int) -> None:
         row = self.check_rows.pop(key)
@@ -740,6 +748,7 @@ class _Datacenter:
         else:
             for lname in list(self.by_node.get(nl, ())):
                 self._patch_node_checks(lname, nl, cid, None)
+                self._note_patch(lname, index)
 
     async def _read_nodes(self, nodes: set[str]) -> None:
         """Re-read ``/v1/health/node/<node>`` for nodes whose checks left the non-passing lists."""
@@ -794,6 +803,11 @@ class _Datacenter:
     def _note_event(self, lname: str, index: int) -> None:
         if index > self._events.get(lname, 0):
             self._events[lname] = index
+        self._note_patch(lname, index)
+
+    def _note_patch(self, lname: str, index: int) -> None:
+        if index > self._patched_at.get(lname, 0):
+            self._patched_at[lname] = index
 
     def _patch_instance(self, lname: str, nl: str, service_id: str, check_id: str, check: Check | None) -> None:
         entries = self.entries.get(lname, ())
@@ -859,7 +873,9 @@ class _Datacenter:
             # Those whose entries came with the reply need no read (unless they do not parse).
             pushed = set()
             for k, (rows, svc_index) in (meta.entries or {}).items():
-                if k not in todo:
+                # Not over what this round took from the check and node lists (applied first)
+                # if that is newer than the pushed entries: those names are read instead.
+                if k not in todo or svc_index < max(self.svc_index.get(k, 0), self._patched_at.get(k, 0)):
                     continue
                 try:
                     entries = tuple(e for e in parse_health_service(rows, self.nodes) if e.service.name.lower() == k)
@@ -870,6 +886,7 @@ class _Datacenter:
                 pushed.add(k)
                 self._set_entries(k, entries)
                 self.svc_index[k] = svc_index
+                self._patched_at.pop(k, None)
             self.pushed += len(pushed)
             await self._fetch(todo, skip=False)
             self._forget_events(index)
@@ -999,7 +1016,9 @@ class _Datacenter:
         if found is None:
             return None
         for nl in failed:
+            # Read again: what is mirrored there, and the node itself (it may hold the change).
             self._dirty.update((k, self._url_name(k)) for k in self.by_node.get(nl, ()))
+            self._new_nodes.append(names.get(nl, nl))
         return found
 
     async def _read_new_nodes(self) -> None:
@@ -1008,6 +1027,8 @@ class _Datacenter:
         which service, and the services sweep may run before the node is known. Reading the
         new node's services names them directly."""
         names, self._new_nodes = self._new_nodes, []
+        if not self._node_sweeps:
+            return  # the upstream predates node-services: the services sweep finds them
         found, failed = await self._scan_nodes(names)
         if found is not None:
             self._unknown.update(found)
@@ -1030,11 +1051,11 @@ class _Datacenter:
             while queue and not missing:
                 name = queue.pop()
                 nl = name.lower()
+                known = self._node_digests.get(nl)
                 try:
                     async with slots:
                         resp = await client.get(client.url("/v1/catalog/node-services") / name,
-                                                dc=self.query_dc, digest=True,
-                                                skip_digest=self._node_digests.get(nl))
+                                                dc=self.query_dc, digest=True, skip_digest=known)
                 except UpstreamError as e:
                     if e.status == 404:
                         missing = True
@@ -1043,7 +1064,7 @@ class _Datacenter:
                         self.last_error = str(e)
                     continue
                 self.node_reads += 1
-                if resp.data is None and resp.digest is not None:
+                if known is not None and resp.digest == known:
                     continue  # the same body as when it last agreed with the mirror
                 try:
                     changed = self._node_changes(nl, resp.data)
@@ -1126,6 +1147,8 @@ class _Datacenter:
                                         if e.service.name.lower() == lname)
                         self._set_entries(lname, entries)
                     self.svc_index[lname] = resp.meta.index
+                    if self._patched_at.get(lname, 0) <= resp.meta.index:
+                        self._patched_at.pop(lname, None)
                 except DnsdiscoError as e:
                     failed[lname] = url_name
                     self.last_error = str(e)

@@ -750,13 +750,13 @@ def test_item_json_reuses_an_items_json_only_for_the_same_object():
         calls.append(v.k)
         return {"K": v.k, "V": v.v}
 
-    enc = ItemJson(shape, lambda v: v.k, limit=3)
+    enc = ItemJson(shape, lambda v: v.k)
     req = SimpleNamespace(query={})
     a, b = SimpleNamespace(k="a", v=1), SimpleNamespace(k="b", v=2)
-    assert enc.body(req, [a, b], prune=True) == '[{"K":"a","V":1},{"K":"b","V":2}]'
-    assert enc.body(req, [a, b]) == '[{"K":"a","V":1},{"K":"b","V":2}]' and calls == ["a", "b"]
+    assert enc.body(req, [a, b], limit=3, prune=True) == '[{"K":"a","V":1},{"K":"b","V":2}]'
+    assert enc.body(req, [a, b], limit=3) == '[{"K":"a","V":1},{"K":"b","V":2}]' and calls == ["a", "b"]
     b2 = SimpleNamespace(k="b", v=3)  # a new value under the same key is encoded afresh
-    assert enc.body(req, [a, b2], prune=True) == '[{"K":"a","V":1},{"K":"b","V":3}]' and calls[-1] == "b"
-    assert enc.body(req, [a], prune=True) == '[{"K":"a","V":1}]' and len(enc) == 1
-    enc.body(req, [SimpleNamespace(k=str(i), v=i) for i in range(5)])  # past the limit: emptied
+    assert enc.body(req, [a, b2], limit=3, prune=True) == '[{"K":"a","V":1},{"K":"b","V":3}]' and calls[-1] == "b"
+    assert enc.body(req, [a], limit=3, prune=True) == '[{"K":"a","V":1}]' and len(enc) == 1
+    enc.body(req, [SimpleNamespace(k=str(i), v=i) for i in range(5)], limit=3)  # past the limit: emptied
     assert len(enc) == 0

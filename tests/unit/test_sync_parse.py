@@ -552,3 +552,46 @@ def test_check_rows_are_listed_by_node():
     assert rows.get(("b", "c1")).version == (3, 4) and rows.on_node("b") == [("b", "c1")]
     rows.pop(("a", "serfHealth"))
     assert rows.on_node("a") == [] and len(rows) == 1
+
+
+async def test_pushed_entries_older_than_a_check_patch_are_read_instead():
+    """A dnsdisco upstream pushes a changed service's entries with the services delta. Taken
+    in the same round after a newer check list (the lists are applied first), they must not
+    undo the check's patch: the service is read instead."""
+    import copy
+
+    from dnsdisco.sync.consul import QueryMeta
+    from dnsdisco.sync.mirror import Mirror, _Datacenter
+    from dnsdisco.sync.parse import parse_node
+    from dnsdisco.sync.upstream import UpstreamConfig
+
+    mirror = Mirror(UpstreamConfig(address="http://127.0.0.1:1"), local_datacenter="east",
+                    on_delta=lambda d: None, on_stale=lambda dc, s: None)
+    dc = _Datacenter(mirror, "east", None)
+    rows = [HEALTH_SERVICE[0]]
+    dc.nodes = {"app-07": parse_node(rows[0]["Node"])}
+    dc.tags = {"billing": frozenset({"v2", "primary"})}
+    dc.url_names = {"billing": "billing"}
+    dc._set_entries("billing", parse_health_service(rows, dc.nodes))
+    dc.svc_index["billing"] = 97
+    dc.synced = True
+    dc._services_index = dc._checks_index = dc.index = 97
+    # Index 99: the instance's check goes critical (the check list names billing) ...
+    crit = {**copy.deepcopy(rows[0]["Checks"][1]), "Status": "critical", "ModifyIndex": 99}
+    hint = QueryMeta(index=99, changed=("billing",))
+    await dc._apply_nonpassing(([crit], hint), ([], hint))
+    assert [c.status for c in dc.entries["billing"][0].checks] == ["passing", "critical"]
+    # ... then the services delta of write 98 arrives with billing's entries as of 98.
+    older = copy.deepcopy(rows)
+    older[0]["Service"]["ModifyIndex"] = 98
+    meta = QueryMeta(index=98, changed=("billing",), delta=True, entries={"billing": (older, 98)})
+    await dc._apply_services({"billing": ["v2", "primary"]}, meta)
+    assert [c.status for c in dc.entries["billing"][0].checks] == ["passing", "critical"]
+    assert dc.pushed == 0 and "billing" in dc._dirty  # read instead (and, failing here, queued)
+    # Entries as new as the patch are taken as they are.
+    newer = copy.deepcopy(rows)
+    newer[0]["Checks"][1] = crit
+    newer[0]["Service"]["Port"] = 7399
+    meta = QueryMeta(index=100, changed=("billing",), delta=True, entries={"billing": (newer, 100)})
+    await dc._apply_services({"billing": ["v2", "primary"]}, meta)
+    assert dc.pushed == 1 and dc.entries["billing"][0].service.port == 7399 and dc.svc_index["billing"] == 100
