@@ -26,6 +26,7 @@ from dnsdisco.http.query import (
     BODIES,
     CHECK_JSON,
     CONFIG,
+    NODE_JSON,
     HEALTH,
     RELOAD,
     STORE,
@@ -133,6 +134,7 @@ def make_app(store: Store, health: TTLUpdater, config: Config, *, reload: Reload
     app[READY] = ready
     app[BODIES] = BodyCache()
     app[CHECK_JSON] = ItemJson(shapes.check, lambda c: (c.node, c.check_id))
+    app[NODE_JSON] = ItemJson(shapes.node, lambda n: n.name)
     for module in (agent, catalog, kv, status):
         app.add_routes(module.routes)
     app.router.add_get("/metrics", _metrics)

@@ -21,6 +21,7 @@ from dnsdisco.http import shapes
 from dnsdisco.http.query import (
     BODIES,
     CHECK_JSON,
+    NODE_JSON,
     STORE,
     Read,
     check_dc,
@@ -85,8 +86,12 @@ async def datacenters(request: web.Request) -> web.Response:
 async def nodes(request: web.Request) -> web.Response:
     read, index = await _blocking(request, "nodes")
     wanted = node_meta_filter(request)
-    out = [shapes.node(n) for n in request.app[STORE].nodes() if meta_matches(n.meta, wanted)]
-    return json_response(request, out, headers=read.headers(index))
+    everyone = request.app[STORE].nodes()
+    chosen = [n for n in everyone if meta_matches(n.meta, wanted)] if wanted else everyone
+    # Every node, read again after each node write (mirrors): each node's JSON is reused
+    # while it is unchanged; a read of all of them drops the rest.
+    body = request.app[NODE_JSON].body(request, chosen, limit=2 * len(everyone) + 1024, prune=not wanted)
+    return json_body_response(body, headers=read.headers(index))
 
 
 @routes.get("/v1/catalog/services")

@@ -39,6 +39,7 @@ CONFIG = web.AppKey("config", Config)
 RELOAD = web.AppKey("reload", object)  # Reload | None
 BODIES = web.AppKey("bodies", object)  # BodyCache
 CHECK_JSON = web.AppKey("check_json", object)  # ItemJson of checks
+NODE_JSON = web.AppKey("node_json", object)  # ItemJson of nodes
 
 # agent/config defaults: max_query_time and default_query_time.
 MAX_QUERY_TIME = 600.0
@@ -233,9 +234,9 @@ class BodyCache:
 
 
 class ItemJson:
-    """The minified JSON of each immutable model value (a ``Check``) of lists that are read
-    whole and change an item at a time (``/v1/health/state/any``: every check, re-read after
-    any check write). A list's body is its items' cached JSON joined, so a read costs a lookup
+    """The minified JSON of each immutable model value (a ``Check``, a ``Node``) of lists that
+    are read whole and change an item at a time (``/v1/health/state/any``: every check, re-read
+    after any check write; ``/v1/catalog/nodes``, after any node write). A list's body is its items' cached JSON joined, so a read costs a lookup
     per item, not shapes and encoding (~20 µs each: 20,000 checks took 0.45 s, the server
     deaf meanwhile). An entry is used only while it was made from the very object listed (the
     store replaces a value on every write); *prune* reads (whole lists) drop entries not listed,

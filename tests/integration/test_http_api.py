@@ -760,3 +760,22 @@ def test_item_json_reuses_an_items_json_only_for_the_same_object():
     assert enc.body(req, [a], limit=3, prune=True) == '[{"K":"a","V":1}]' and len(enc) == 1
     enc.body(req, [SimpleNamespace(k=str(i), v=i) for i in range(5)], limit=3)  # past the limit: emptied
     assert len(enc) == 0
+
+
+async def test_catalog_nodes_reuses_each_nodes_json_until_it_changes(http_agent):
+    """/v1/catalog/nodes is built from each node's cached JSON: after a node write the body is
+    what encoding afresh gives, and ?node-meta= still filters it."""
+    for name, rack in (("n1", "r1"), ("n2", "r2")):
+        r = await http_agent.put("/v1/catalog/register", {"Node": name, "Address": "10.3.0.1",
+                                                          "NodeMeta": {"rack": rack}})
+        assert r.status == 200
+    first = await http_agent.get("/v1/catalog/nodes")
+    r = await http_agent.put("/v1/catalog/register", {"Node": "n2", "Address": "10.3.0.2",
+                                                      "NodeMeta": {"rack": "r2"}})
+    assert r.status == 200
+    after = await http_agent.get("/v1/catalog/nodes")
+    assert after.text == json.dumps(after.json(), separators=(",", ":"))
+    by_name = {n["Node"]: n for n in after.json()}
+    assert by_name["n2"]["Address"] == "10.3.0.2"
+    assert by_name["n1"] == {n["Node"]: n for n in first.json()}["n1"]
+    assert [n["Node"] for n in (await http_agent.get("/v1/catalog/nodes?node-meta=rack:r1")).json()] == ["n1"]
