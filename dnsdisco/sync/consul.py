@@ -360,6 +360,7 @@ class ConsulClient:
         skip_index: int | None = None,
         digest: bool = False,
         skip_digest: bytes | None = None,
+        decode: bool = True,
     ) -> Response:
         """``GET`` *path* (``/v1/...``, or a prepared URL) and decode the JSON body.
 
@@ -367,7 +368,8 @@ class ConsulClient:
         never sent. With *skip_index*, a reply whose ``X-Consul-Index`` equals it is not decoded
         (``data`` is None): the caller already holds that version. With *digest*, the reply
         carries a digest of the body, and one whose digest equals *skip_digest* is not decoded
-        either (for reads whose index says nothing per item, such as a node's services). Raises :class:`UpstreamError`
+        either (for reads whose index says nothing per item, such as a node's services); without
+        *decode*, no reply is (the caller wants the headers only). Raises :class:`UpstreamError`
         on a transport error, a non-200 status (with Consul's text), or a body that is not JSON.
         """
         session = self._session
@@ -401,7 +403,7 @@ class ConsulClient:
         except (aiohttp.ClientError, OSError) as e:
             self.errors += 1
             raise UpstreamError(f"{url.path}: {type(e).__name__}: {e}") from None
-        if skip_index is not None and meta.index == skip_index:
+        if not decode or (skip_index is not None and meta.index == skip_index):
             return Response(None, meta, len(body))
         sums = hashlib.blake2b(body, digest_size=16).digest() if digest else None
         if sums is not None and sums == skip_digest:

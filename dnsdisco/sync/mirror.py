@@ -28,9 +28,11 @@ whose port changed), the check lists get up to ``settle`` seconds to report the 
 a sweep runs: every node's services are read (``/v1/catalog/node-services/<node>``; a body
 byte for byte the one that last agreed with the mirror is not decoded) and the services whose
 instances differ (new, gone, another ModifyIndex) are read. When there are fewer services than
-nodes (or the upstream predates that endpoint) the sweep re-reads every service instead,
-without decoding those whose ``X-Consul-Index`` did not move, and a read of
-``/v1/health/state/any`` is tried first when checks were written with the change. A node new
+nodes (or the upstream predates that endpoint) the sweep reads every service instead, without
+decoding it, to find those whose ``X-Consul-Index`` moved, and a read of
+``/v1/health/state/any`` is tried first when checks were written with the change. Either way
+the sweep only reads until the settle is over (so it can be dropped); then each service it
+finds is read afresh and goes out at once, while the sweep goes on. A node new
 to the nodes list has its services read at once: an instance registered with its node is found
 without a sweep. A dnsdisco upstream (the embedded catalog, which the DNS workers follow) names the services
 written since the index the services watch sent (``X-Dnsdisco-Changed-Services``, asked for
@@ -437,7 +439,7 @@ class _Datacenter:
             extra = {**self._unknown, **self._dirty}
             self._unknown.clear()
             self._dirty.clear()
-            await self._fetch(extra, skip=False)
+            await self._fetch(extra)
         # What DNS needs is out before the catch-up reads below.
         self._flush()
         now = self.mirror.clock()
@@ -565,7 +567,7 @@ class _Datacenter:
             todo = {}
         backoff = self.mirror.new_backoff()
         while todo:
-            failed = await self._fetch(todo, skip=False, record=False)
+            failed = await self._fetch(todo, record=False)
             if failed:
                 await asyncio.sleep(backoff.next())
             todo = failed
@@ -888,24 +890,27 @@ class _Datacenter:
                 self.svc_index[k] = svc_index
                 self._patched_at.pop(k, None)
             self.pushed += len(pushed)
-            await self._fetch(todo, skip=False)
+            await self._fetch(todo)
             self._forget_events(index)
             return {*todo, *pushed}
         todo.update(self._candidates(index))
         fetched = set(todo)
-        await self._fetch(todo, skip=False)
+        await self._fetch(todo)
         if index == prev or removed or self._explained(index, fetched):
             self._forget_events(index)
             return fetched
         # Nothing seen yet explains this write. The other watches race with this one for the
-        # same write: give them a moment to report it, then look again. A sweep by node starts
-        # meanwhile (it only reads until it is awaited, so it is simply dropped if the lists
+        # same write: give them a moment to report it, then look again. The read half of a
+        # sweep starts meanwhile (it changes nothing, so it is simply dropped if the lists
         # explain the write): a write without checks never shows in those lists, and would
         # otherwise wait out the whole settle before its sweep began.
-        scan = asyncio.create_task(self._sweep_nodes()) if self._by_node(len(self.tags)) else None
+        todo = self._sweep_todo(fetched)
+        along_nodes = self._by_node(len(todo))
+        found: dict[str, str] = {}
+        scan = asyncio.create_task(self._scan(todo, found)) if todo else None
         try:
             await self._settle(index, scan)
-            if (scan is None and not self._try_explain(index, fetched)
+            if (not along_nodes and not self._try_explain(index, fetched)
                     and self._any_index < index <= self._checks_index):
                 # Still nothing, but checks were written too: the write touched no non-passing
                 # check (a deregistration, a registration with passing checks). One read of
@@ -916,10 +921,11 @@ class _Datacenter:
                 await self._read_all_checks()
             more = {k: v for k, v in self._candidates(index).items() if k not in fetched}
             fetched.update(more)
-            await self._fetch(more, skip=False)
+            await self._fetch(more)
             if not self._explained(index, fetched):
                 pending, scan = scan, None
-                await self._sweep(exclude=fetched, why=f"unexplained services index {index}", scan=pending)
+                await self._sweep(exclude=fetched, why=f"unexplained services index {index}",
+                                  scan=None if pending is None else (pending, found))
                 fetched.update(self.entries)
         finally:
             if scan is not None:
@@ -974,52 +980,104 @@ class _Datacenter:
             await asyncio.sleep(0.002)
         await self._take_nodes_and_checks()
 
-    async def _sweep(self, *, exclude: Iterable[str], why: str, by_node: bool = True,
-                     scan: asyncio.Task[dict[str, str] | None] | None = None) -> None:
-        """Find what changed by re-reading everything, along the shorter axis: every node's
-        services (*by_node*, when there are fewer nodes than services; *scan* is such a read
-        already under way), or every service but *exclude* (those whose index did not move
-        are not decoded)."""
+    def _sweep_todo(self, exclude: Iterable[str]) -> dict[str, str]:
         skip = set(exclude)
-        todo = {k: self._url_name(k) for k in {*self.tags, *self.entries} if k not in skip}
-        if not todo:
-            if scan is not None:
-                scan.cancel()
-                await asyncio.gather(scan, return_exceptions=True)
-            return
-        self.sweeps += 1
+        return {k: self._url_name(k) for k in {*self.tags, *self.entries} if k not in skip}
+
+    async def _sweep(self, *, exclude: Iterable[str], why: str, by_node: bool = True,
+                     scan: tuple[asyncio.Task[bool], dict[str, str]] | None = None) -> None:
+        """Find what changed by re-reading everything but *exclude*, along the shorter axis
+        (:meth:`_scan`; *scan* is one already under way, with the dict it fills), and read the
+        services found as they are found."""
         started = self.mirror.clock()
-        if scan is not None or (by_node and self._by_node(len(todo))):
-            found = await (scan if scan is not None else self._sweep_nodes())
-            if found is not None:
-                self.node_sweeps += 1
-                await self._fetch(found, skip=False)
-                log.debug("%s: swept %d nodes (%s) in %.2fs: %d services changed", self.name,
-                          len(self.nodes), why, self.mirror.clock() - started, len(found))
+        if scan is None:
+            todo = self._sweep_todo(exclude)
+            if not todo:
                 return
-        await self._fetch(todo, skip=True)
-        log.debug("%s: swept %d services (%s) in %.2fs", self.name, len(todo), why,
-                  self.mirror.clock() - started)
+            found: dict[str, str] = {}
+            task = asyncio.create_task(self._scan(todo, found, by_node=by_node))
+        else:
+            task, found = scan
+        read: set[str] = set()
+        try:
+            while True:
+                finished = task.done()
+                fresh = {k: v for k, v in found.items() if k not in read}
+                if fresh:
+                    # Out as soon as found: a scan of 5,000 services takes about half a second.
+                    read.update(fresh)
+                    await self._fetch(fresh)
+                    self._flush()
+                if finished:
+                    break
+                await asyncio.wait({task}, timeout=FLUSH_EVERY / 5)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        along_nodes = task.result()
+        self.sweeps += 1
+        self.node_sweeps += along_nodes
+        log.debug("%s: swept %s (%s) in %.2fs: %d services changed", self.name,
+                  "nodes" if along_nodes else "services", why, self.mirror.clock() - started, len(found))
+
+    async def _scan(self, todo: Mapping[str, str], found: dict[str, str], *, by_node: bool = True) -> bool:
+        """The read half of a sweep, which changes nothing it reads (so it can run while the
+        check lists settle, and be dropped): fills *found* with the services that differ from
+        the mirror (lower name -> URL name), to be read afresh, as it finds them; returns
+        whether it went along nodes. Along nodes when *by_node* and there are fewer nodes than
+        services in *todo* (and the upstream has node-services), else every service in *todo*."""
+        if by_node and self._by_node(len(todo)) and await self._sweep_nodes(found):
+            return True
+        await self._scan_services(todo, found)
+        return False
+
+    async def _scan_services(self, todo: Mapping[str, str], found: dict[str, str]) -> None:
+        """Read every service in *todo* without decoding it; into *found* go those whose
+        ``X-Consul-Index`` moved since the mirror's last read (or that it never read). Reads
+        that fail are queued for a re-read."""
+        queue = list(todo.items())
+        queue.reverse()
+        client = self.mirror.client
+        slots = self.mirror.fetch_slots
+
+        async def worker() -> None:
+            while queue:
+                lname, url_name = queue.pop()
+                try:
+                    async with slots:
+                        resp = await client.get(client.url("/v1/health/service") / url_name,
+                                                dc=self.query_dc, decode=False)
+                except DnsdiscoError as e:
+                    self._dirty[lname] = url_name
+                    self.last_error = str(e)
+                    continue
+                self.fetches += 1
+                if resp.meta.index != self.svc_index.get(lname):
+                    found[lname] = url_name
+
+        workers = min(len(queue), self.mirror.upstream.fetch_concurrency)
+        await asyncio.gather(*(worker() for _ in range(workers)))
 
     def _by_node(self, services: int) -> bool:
         """Whether a sweep reads nodes rather than *services* services: fewer requests."""
         return self._node_sweeps and 0 < len(self.nodes) < services
 
-    async def _sweep_nodes(self) -> dict[str, str] | None:
-        """Read every node's services (``/v1/catalog/node-services/<node>``) and return the
-        services whose instances differ from the mirror's; None if the upstream cannot (Consul
-        before 1.7). A node whose body is byte for byte the one last found in agreement is not
-        decoded. Services on nodes that could not be read are queued for a re-read."""
+    async def _sweep_nodes(self, found: dict[str, str]) -> bool:
+        """Read every node's services (``/v1/catalog/node-services/<node>``), putting the
+        services whose instances differ from the mirror's into *found*; False if the upstream
+        cannot (Consul before 1.7). A node whose body is byte for byte the one last found in
+        agreement is not decoded. Nodes that could not be read are queued for a re-read."""
         names = {n.lower(): n for n in self.nodes}
         names.update((nl, nl) for nl in self.instances if nl not in names)
-        found, failed = await self._scan_nodes(list(names.values()))
-        if found is None:
-            return None
+        ok, failed = await self._scan_nodes(list(names.values()), found)
+        if not ok:
+            return False
         for nl in failed:
             # Read again: what is mirrored there, and the node itself (it may hold the change).
             self._dirty.update((k, self._url_name(k)) for k in self.by_node.get(nl, ()))
             self._new_nodes.append(names.get(nl, nl))
-        return found
+        return True
 
     async def _read_new_nodes(self) -> None:
         """A node new to the nodes list may bring instances of services already mirrored,
@@ -1029,17 +1087,17 @@ class _Datacenter:
         names, self._new_nodes = self._new_nodes, []
         if not self._node_sweeps:
             return  # the upstream predates node-services: the services sweep finds them
-        found, failed = await self._scan_nodes(names)
-        if found is not None:
+        found: dict[str, str] = {}
+        ok, failed = await self._scan_nodes(names, found)
+        if ok:
             self._unknown.update(found)
             self._new_nodes.extend(failed)
 
-    async def _scan_nodes(self, names: list[str]) -> tuple[dict[str, str] | None, list[str]]:
+    async def _scan_nodes(self, names: list[str], found: dict[str, str]) -> tuple[bool, list[str]]:
         """Read the services of every node in *names* (node names, any case) with the read
-        pool; return (lower name -> URL name of the services whose instances there differ from
-        the mirror's, or None if the endpoint is missing; the lower names of nodes whose read
-        failed)."""
-        found: dict[str, str] = {}
+        pool, putting into *found* (lower name -> URL name) the services whose instances there
+        differ from the mirror's; return (False if the endpoint is missing, the lower names of
+        nodes whose read failed)."""
         failed: list[str] = []
         queue = list(reversed(names))
         client = self.mirror.client
@@ -1086,8 +1144,8 @@ class _Datacenter:
             log.warning("%s: the upstream has no /v1/catalog/node-services (Consul < 1.7): sweeps "
                         "re-read every service instead", self.name)
             self._node_sweeps = False
-            return None, []
-        return found, failed
+            return False, []
+        return True, failed
 
     def _node_changes(self, nl: str, body: Any) -> dict[str, str]:
         """The services (lower name -> URL name) whose instances on node *nl*, as a
@@ -1119,7 +1177,7 @@ class _Datacenter:
 
     # -- reading services ---------------------------------------------------------------------------
 
-    async def _fetch(self, todo: Mapping[str, str], *, skip: bool, record: bool = True) -> dict[str, str]:
+    async def _fetch(self, todo: Mapping[str, str], *, record: bool = True) -> dict[str, str]:
         """Read ``/v1/health/service/<name>`` for every lower name in *todo* (value: the name for
         the URL) with a pool of workers sharing the mirror's read slots; fold each into the
         state as it arrives. Returns the reads that failed (also queued for retry if *record*)."""
@@ -1136,16 +1194,13 @@ class _Datacenter:
             nonlocal last_flush
             while queue:
                 lname, url_name = queue.pop()
-                known = self.svc_index.get(lname) if skip else None
                 try:
                     async with slots:
-                        resp = await client.get(client.url("/v1/health/service") / url_name,
-                                                dc=self.query_dc, skip_index=known)
+                        resp = await client.get(client.url("/v1/health/service") / url_name, dc=self.query_dc)
                     self.fetches += 1
-                    if resp.data is not None:
-                        entries = tuple(e for e in parse_health_service(resp.data, self.nodes)
-                                        if e.service.name.lower() == lname)
-                        self._set_entries(lname, entries)
+                    entries = tuple(e for e in parse_health_service(resp.data, self.nodes)
+                                    if e.service.name.lower() == lname)
+                    self._set_entries(lname, entries)
                     self.svc_index[lname] = resp.meta.index
                     if self._patched_at.get(lname, 0) <= resp.meta.index:
                         self._patched_at.pop(lname, None)

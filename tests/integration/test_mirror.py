@@ -765,14 +765,14 @@ async def test_a_write_during_the_first_load_keeps_its_hint() -> None:
         orig = mirrormod._Datacenter._fetch
         changed = False
 
-        async def slow_first_load(self, todo, *, skip, record=True):  # type: ignore[no-untyped-def]
+        async def slow_first_load(self, todo, *, record=True):  # type: ignore[no-untyped-def]
             nonlocal changed
             if not record and not changed:  # the full load's reads: a port change lands meanwhile
                 changed = True
                 await up.put("/v1/catalog/register", {"Node": "node3", "Address": "10.9.3.1", "SkipNodeUpdate": True,
                                                       "Service": {"ID": "s3", "Service": "s3", "Port": 9999}})
                 await asyncio.sleep(0.3)
-            return await orig(self, todo, skip=skip, record=record)
+            return await orig(self, todo, record=record)
 
         mirrormod._Datacenter._fetch = slow_first_load  # type: ignore[method-assign]
         try:
