@@ -284,6 +284,7 @@ class _Datacenter:
         self._checks_index = 0  # the checks index the lists were last read at
         self._any_index = 0  # ... and /v1/health/state/any
         self._checks_behind = False  # a check write the lists do not show (passing only)
+        self._behind_first = self._behind_last = 0  # ... the first and last such write's index
         # At least CATCH_UP_INTERVAL apart even without a rate limit (the DNS workers): each is a
         # read of every check, and one overtaken by a write is thrown away and asked again.
         self._any_bucket = TokenBucket(max(up.query_interval, CATCH_UP_INTERVAL), up.query_burst,
@@ -712,8 +713,13 @@ class _Datacenter:
             self._unknown.update((k, self._url_name(k)) for k in hinted)
             for k in hinted:
                 self._note_patch(k, index)
-        elif moved and not touched and not left:
+        elif moved and not touched and not left and index != self._services_index:
+            # (At the index of a services move already handled, the write was that service's:
+            # the read of it, or the sweep, saw its checks.)
+            if not self._checks_behind:
+                self._behind_first = index
             self._checks_behind = True  # handled at the end of the round
+            self._behind_last = index
 
     def _apply_check(self, check: Check) -> None:
         """Fold one check in (new or changed) and patch the entries it bears on."""
@@ -897,7 +903,7 @@ class _Datacenter:
         fetched = set(todo)
         await self._fetch(todo)
         if index == prev or removed or self._explained(index, fetched):
-            self._forget_events(index)
+            self._services_handled(index)
             return fetched
         # Nothing seen yet explains this write. The other watches race with this one for the
         # same write: give them a moment to report it, then look again. The read half of a
@@ -931,8 +937,16 @@ class _Datacenter:
             if scan is not None:
                 scan.cancel()
                 await asyncio.gather(scan, return_exceptions=True)
-        self._forget_events(index)
+        self._services_handled(index)
         return fetched
+
+    def _services_handled(self, index: int) -> None:
+        """The services write at *index* has been found and read. If it is also the only check
+        write the lists moved on without showing anything (a registration or deregistration
+        with passing checks), the reads saw those checks: no catch-up read of every check."""
+        self._forget_events(index)
+        if self._checks_behind and self._behind_first == self._behind_last == index:
+            self._checks_behind = False
 
     def _try_explain(self, index: int, fetched: set[str]) -> bool:
         return any(i == index and k not in fetched for k, i in self._events.items()) or bool(self._unknown)
