@@ -747,6 +747,10 @@ async def test_consul_rules_sweep_along_nodes_or_services(node_services: bool) -
                     # lists a moment before it sweeps), not by a sweep.
                     assert dc()["sweeps"] == sweeps, dc()
                     assert any(p == "/v1/catalog/node-services/fresh" for p, _, _ in fed.requests)
+                    # The deregistration moved the check lists without changing them, but the
+                    # sweep that found it saw its check go: no read of every check followed.
+                    await asyncio.sleep(0.3)
+                    assert dc()["all_checks_reads"] == 0, dc()
         finally:
             await fed.stop()
 
