@@ -90,7 +90,7 @@ async def nodes(request: web.Request) -> web.Response:
     chosen = [n for n in everyone if meta_matches(n.meta, wanted)] if wanted else everyone
     # Every node, read again after each node write (mirrors): each node's JSON is reused
     # while it is unchanged; a read of all of them drops the rest.
-    body = request.app[NODE_JSON].body(request, chosen, limit=2 * len(everyone) + 1024, prune=not wanted)
+    body = request.app[NODE_JSON].body(request, chosen, limit=_json_limit(len(everyone)), prune=not wanted)
     return json_body_response(body, headers=read.headers(index))
 
 
@@ -118,8 +118,8 @@ async def services(request: web.Request) -> web.Response:
             # ... with their health entries as /v1/health/service answers them (the follower
             # would read each next): one hand-off per write instead of two.
             entries = ",".join(
-                f'{json.dumps(lname)}:{{"Index":{max(store.topic_index(f"health:{lname}"), 1)},'
-                f'"Rows":{_health_body(request, lname)}}}' for lname in names)
+                '{}:{{"Index":{},"Rows":{}}}'.format(json.dumps(lname), *_health_body(request, lname))
+                for lname in names)
             headers[SERVICES_DELTA_HEADER] = WANT_ENTRIES
             return json_body_response(f'{{"Services":{encode_json(request, delta)},"Entries":{{{entries}}}}}',
                                       headers=headers)
@@ -267,17 +267,18 @@ def _health_rows(store: Store, name: str, *, tags: list[str] | None = None,
     return out
 
 
-def _health_body(request: web.Request, lname: str) -> str:
-    """``/v1/health/service/<lname>``'s body without options, through the body cache (the
-    key a plain read of it uses)."""
+def _health_body(request: web.Request, lname: str) -> tuple[int, str]:
+    """``/v1/health/service/<lname>``'s index and body without options, through the body
+    cache (the key a plain read of it uses)."""
     store = request.app[STORE]
-    key = ("health", lname, max(store.topic_index(f"health:{lname}"), 1), ())
+    index = max(store.topic_index(f"health:{lname}"), 1)
+    key = ("health", lname, index, ())
     cache = request.app[BODIES]
     body = cache.get(key)
     if body is None:
         body = json.dumps(_health_rows(store, lname), separators=(",", ":"))
         cache.put(key, body)
-    return body
+    return index, body
 
 
 # Query options that do not change a read's body (blocking, consistency, the token).
@@ -306,8 +307,13 @@ async def health_checks(request: web.Request) -> web.Response:
 
 
 def _check_json_limit(store: Store) -> int:
-    # Twice the checks there are: room for the ones replaced since the last whole read.
-    return 2 * store.check_count() + 1024
+    return _json_limit(store.check_count())
+
+
+def _json_limit(count: int) -> int:
+    # An ItemJson's bound: twice the items there are, room for those replaced since the last
+    # whole read.
+    return 2 * count + 1024
 
 
 @routes.get("/v1/health/state/{state:.*}")
